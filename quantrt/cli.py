@@ -1,0 +1,114 @@
+"""The ``quantrt`` command line."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from quantrt.errors import QuantrtError
+from quantrt.loader import DTYPES, KERNEL_POLICIES
+
+
+class _Group(click.Group):
+    """Turns QuantrtError into one line on stderr and exit status 2 (no traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QuantrtError as exc:
+            click.echo(f"error: {exc.one_line()}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _common(f):
+    f = click.option("--quantization", "-q", default=None,
+                     help="Quantization method; must agree with the checkpoint.")(f)
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")(f)
+    f = click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto",
+                     help="Compute dtype (default: float32 on CPU, checkpoint's on GPU).")(f)
+    f = click.option("--kernels", type=click.Choice(KERNEL_POLICIES), default="auto",
+                     help="'reference' forces the exact torch reference path.")(f)
+    return f
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="quantrt")
+def main() -> None:
+    """quantrt: load a quantized LLM checkpoint and run it fast."""
+
+
+@main.command()
+@click.argument("source")
+@_common
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(source: str, quantization, device, dtype, kernels, as_json: bool) -> None:
+    """Describe a model: architecture, quantization, memory and kernel per layer type.
+
+    SOURCE is a .gguf file, a model directory, a hub id, or 'demo'.  The model is loaded
+    (GGUF weights are memory-mapped) so that memory and kernels are the real ones.
+    """
+    from quantrt.inspect_report import build_report, format_report
+    from quantrt.loader import load
+
+    lm = load(source, quantization, device=device, dtype=dtype, kernels=kernels)
+    report = build_report(lm)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command()
+@click.argument("source", required=False, default="demo")
+@click.option("--prompt", "-p", required=True, help="Prompt text.")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--temperature", "-t", type=click.FloatRange(min=0), default=0.8, show_default=True,
+              help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=-1), default=40, show_default=True,
+              help="0 or -1 disables.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--stats", is_flag=True, help="Print token counts and speed to stderr.")
+@_common
+def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
+        seed, chat: bool, system, stats: bool, quantization, device, dtype, kernels) -> None:
+    """Generate text from SOURCE (default: the demo model), streamed to stdout."""
+    from quantrt.engine.llm_engine import LLMEngine
+    from quantrt.engine.sequence import SamplingParams
+    from quantrt.loader import load
+
+    t0 = time.perf_counter()
+    lm = load(source, quantization, device=device, dtype=dtype, kernels=kernels)
+    tok = lm.tokenizer
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    else:
+        ids = tok.encode(prompt)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, seed=seed)
+    engine = LLMEngine(lm)
+    t1 = time.perf_counter()
+    first = None
+    count = 0
+    for piece in engine.stream(ids, params):
+        if first is None:
+            first = time.perf_counter()
+        count += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    t2 = time.perf_counter()
+    sys.stdout.write("\n")
+    if stats:
+        gen = max(t2 - (first or t2), 1e-9)
+        click.echo(f"[load {t1 - t0:.2f}s, prompt {len(ids)} tokens, first piece after "
+                   f"{(first or t2) - t1:.3f}s, {count} pieces in {gen:.2f}s]", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,85 @@
+"""The only part of the engine that touches the device: owns the KV cache, turns a
+scheduled batch into model inputs (slot mapping, block tables), runs the model, samples."""
+from __future__ import annotations
+
+import torch
+
+from quantrt.engine.block_manager import BlockManager
+from quantrt.engine.sampler import Sampler
+from quantrt.engine.sequence import Sequence
+from quantrt.loader import LoadedModel
+from quantrt.models.attention import AttentionMetadata
+
+
+def kv_bytes_per_token(lm: LoadedModel, kv_dtype: torch.dtype) -> int:
+    cfg = lm.config
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(kv_dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int) -> None:
+        self.lm = lm
+        self.model = lm.model
+        self.device = lm.device
+        self.block_size = block_size
+        cfg = lm.config
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=lm.dtype, device=self.device),
+                           torch.zeros(shape, dtype=lm.dtype, device=self.device))
+                          for _ in range(cfg.num_layers)]
+        self.sampler = Sampler()
+
+    def _prepare(self, batch: list[tuple[Sequence, int]], blocks: BlockManager):
+        ids, pos, slots, ctx, qlens = [], [], [], [], []
+        for seq, n in batch:
+            start = seq.num_cached
+            ids += seq.all_ids[start:start + n]
+            pos += range(start, start + n)
+            slots += blocks.slots(seq, start, n)
+            ctx.append(start + n)
+            qlens.append(n)
+        width = max(len(seq.block_table) for seq, _ in batch)
+        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+        dev = self.device
+        starts = [0]
+        for n in qlens:
+            starts.append(starts[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            context_lens_host=ctx, query_lens_host=qlens)
+        return (torch.tensor(ids, dtype=torch.int64, device=dev),
+                torch.tensor(pos, dtype=torch.int64, device=dev), meta, starts)
+
+    @torch.inference_mode()
+    def step(self, batch: list[tuple[Sequence, int]], blocks: BlockManager) -> dict[int, int]:
+        """Run one step; returns {seq_id: next token} for sequences whose last token was computed."""
+        ids, pos, meta, starts = self._prepare(batch, blocks)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        sample_rows, sample_seqs = [], []
+        for i, (seq, n) in enumerate(batch):
+            seq.num_cached += n
+            if seq.num_cached == len(seq):
+                sample_rows.append(starts[i + 1] - 1)
+                sample_seqs.append(seq)
+        if not sample_seqs:
+            return {}
+        logits = self.model.compute_logits(hidden[sample_rows])
+        tokens = self.sampler(logits, sample_seqs)
+        return {seq.seq_id: tok for seq, tok in zip(sample_seqs, tokens)}
+
+    @torch.inference_mode()
+    def logits_for(self, prompt_ids: list[int], blocks: BlockManager) -> torch.Tensor:
+        """Logits at every position of a prompt (a test and evaluation helper)."""
+        from quantrt.engine.sequence import SamplingParams
+
+        seq = Sequence(list(prompt_ids), SamplingParams(max_tokens=1))
+        blocks.grow(seq, len(seq))
+        try:
+            ids, pos, meta, _ = self._prepare([(seq, len(seq))], blocks)
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+            return self.model.compute_logits(hidden)
+        finally:
+            blocks.release(seq)

@@ -1,0 +1,186 @@
+"""Building blocks shared by every model: quantization-agnostic linear and embedding
+layers, RMSNorm and rotary embeddings.
+
+``QuantLinear`` and ``VocabEmbedding`` hold no format logic: their quantization method
+(chosen by the checkpoint's :class:`~quantrt.quant.base.QuantConfig`) creates, loads,
+repacks and applies the weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantrt.config import RopeConfig
+from quantrt.errors import FormatError
+from quantrt.quant.base import QuantConfig, ShardTracker
+
+
+class QuantLinear(nn.Module):
+    """A linear layer whose output may fuse several checkpoint tensors ("shards"),
+    e.g. q/k/v -> qkv_proj.  ``output_sizes`` lists each shard's rows."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], *, bias: bool,
+                 quant_config: QuantConfig, prefix: str, params_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(output_sizes)
+        self.prefix = prefix
+        self.tracker = ShardTracker()
+        self.method = quant_config.get_quant_method(self, prefix)
+        self.method.create_weights(self, input_size, self.output_sizes, params_dtype)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.output_size, dtype=params_dtype),
+                                     requires_grad=False)
+            self.tracker.expected |= {("bias", s) for s in range(len(output_sizes))}
+        else:
+            self.register_parameter("bias", None)
+
+    def shard_offset(self, shard: int) -> int:
+        return sum(self.output_sizes[:shard])
+
+    def load(self, name: str, tensor: Any, shard: int = 0) -> None:
+        if name == "bias" and self.bias is not None:
+            rows = self.output_sizes[shard]
+            t = torch.as_tensor(tensor)
+            if tuple(t.shape) != (rows,):
+                raise FormatError(f"tensor {self.prefix}.bias (shard {shard}) has shape "
+                                  f"{tuple(t.shape)}, expected ({rows},)")
+            off = self.shard_offset(shard)
+            self.bias.data[off:off + rows].copy_(t)
+            self.tracker.mark("bias", shard)
+            return
+        self.method.load_weight(self, name, tensor, shard)
+
+    def process_weights_after_loading(self, device: torch.device) -> None:
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.data.to(device), requires_grad=False)
+        self.method.process_weights_after_loading(self, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.input_size}, out={self.output_sizes}, method={self.method.describe(self)}"
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, quant_config: QuantConfig,
+                 prefix: str, params_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.prefix = prefix
+        self.params_dtype = params_dtype
+        self.tracker = ShardTracker()
+        self.method = quant_config.get_quant_method(self, prefix)
+        self.method.create_weights(self, num_embeddings, embedding_dim, params_dtype)
+
+    def load(self, name: str, tensor: Any, shard: int = 0) -> None:
+        self.method.load_weight(self, name, tensor)
+
+    def process_weights_after_loading(self, device: torch.device) -> None:
+        self.method.process_weights_after_loading(self, device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.method.embed(self, ids, self.params_dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, params_dtype: torch.dtype, prefix: str = "") -> None:
+        super().__init__()
+        self.eps = eps
+        self.prefix = prefix
+        self.weight = nn.Parameter(torch.empty(size, dtype=params_dtype), requires_grad=False)
+        self.tracker = ShardTracker(expected={("weight", 0)})
+
+    def load(self, name: str, tensor: Any, shard: int = 0) -> None:
+        t = torch.as_tensor(tensor)
+        if name != "weight" or tuple(t.shape) != tuple(self.weight.shape):
+            raise FormatError(f"tensor {self.prefix}.{name} has shape {tuple(t.shape)}, "
+                              f"expected {tuple(self.weight.shape)}")
+        self.weight.data.copy_(t)
+        self.tracker.mark("weight", 0)
+
+    def process_weights_after_loading(self, device: torch.device) -> None:
+        self.weight = nn.Parameter(self.weight.data.to(device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order of operations as HF's LlamaRMSNorm: normalise in fp32, cast, then scale.
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (and the attention scaling factor yarn asks for)."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+    scale = 1.0
+    if rope.rope_type == "linear":
+        inv = inv / rope.factor
+    elif rope.rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        low_wl = rope.original_max_position / rope.low_freq_factor
+        high_wl = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        blended = (1 - smooth) * inv / rope.factor + smooth * inv
+        inv = torch.where(wavelen > low_wl, inv / rope.factor,
+                          torch.where(wavelen < high_wl, inv, blended))
+    elif rope.rope_type == "yarn":
+        def dim_for(rot: float) -> float:
+            return (rot_dim * math.log(rope.original_max_position / (rot * 2 * math.pi))) / (
+                2 * math.log(rope.theta))
+        low = max(math.floor(dim_for(rope.beta_fast)), 0)
+        high = min(math.ceil(dim_for(rope.beta_slow)), rot_dim - 1)
+        ramp = (torch.arange(rot_dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)
+        extrapolate = 1 - ramp.clamp(0, 1)
+        inv = inv / rope.factor * (1 - extrapolate) + inv * extrapolate
+        scale = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+    elif rope.rope_type == "dynamic":
+        pass  # NTK-dynamic only changes frequencies beyond the trained context; applied per length
+    return inv, scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half (NeoX) rotary embedding over the first ``rot_dim`` dims of each head;
+    cos/sin tables are precomputed once for every position."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, rot_dim: int, max_positions: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rot_dim = rot_dim
+        inv, scale = rope_inv_freq(rope, rot_dim)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv)
+        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
+        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, Hq, D], k: [T, Hk, D]
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin, self.rot_dim), _rotate(k, cos, sin, self.rot_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int) -> torch.Tensor:
+    dtype = x.dtype
+    xr = x[..., :rot_dim].float()
+    half = rot_dim // 2
+    x1, x2 = xr[..., :half], xr[..., half:]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+    if rot_dim == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rot_dim:]), dim=-1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,1 @@
+"""Quantization methods: a registry of ``QuantConfig`` classes and their layer methods."""

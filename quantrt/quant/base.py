@@ -1,0 +1,165 @@
+"""The two-level quantization interface (after vLLM).
+
+* A :class:`QuantConfig` is built from a checkpoint's quantization settings
+  (``QuantConfig.from_config(dict)``) and answers ``get_quant_method(layer, prefix)``.
+* A :class:`LinearMethod` / :class:`EmbeddingMethod` owns one layer's weights:
+  ``create_weights`` -> ``load_weight`` (per checkpoint tensor, per fused shard) ->
+  ``process_weights_after_loading`` (repack for the chosen kernel) -> ``apply``.
+
+Layers never branch on the format: unquantized weights are just another method.
+Subclasses register themselves by name (and aliases) through ``__init_subclass__``.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from quantrt.errors import ConfigError, UnsupportedError
+
+_CONFIGS: dict[str, type["QuantConfig"]] = {}
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernel a layer runs, and why each faster kernel was refused."""
+
+    name: str
+    refused: tuple[tuple[str, str], ...] = ()
+
+    def describe(self) -> str:
+        if not self.refused:
+            return self.name
+        why = "; ".join(f"{k}: {r}" for k, r in self.refused)
+        return f"{self.name} (refused: {why})"
+
+
+class QuantConfig(ABC):
+    """Quantization settings of a checkpoint; one subclass per method."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            for key in (cls.name, *cls.aliases):
+                _CONFIGS[normalize_method_name(key)] = cls
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: dict[str, Any]) -> "QuantConfig":
+        """Build from the checkpoint's quantization dict (with the key aliases real files use)."""
+
+    @abstractmethod
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> "LinearMethod | EmbeddingMethod":
+        """The method that owns ``layer`` (named ``prefix`` in HF naming)."""
+
+    def settings(self) -> dict[str, Any]:
+        """The settings ``inspect`` shows."""
+        return {}
+
+
+def normalize_method_name(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def config_class(name: str) -> type[QuantConfig]:
+    """Look up a registered method by name or alias; unknown names get a clear error."""
+    from quantrt.quant import catalog  # noqa: F401  (registers every method)
+
+    key = normalize_method_name(name)
+    if key in _CONFIGS:
+        return _CONFIGS[key]
+    if key in catalog.NOT_SUPPORTED:
+        raise UnsupportedError(f"quantization method {name!r} is recognised but not supported yet: "
+                               f"{catalog.NOT_SUPPORTED[key]}")
+    raise ConfigError(f"unknown quantization method {name!r}",
+                      hint=f"known: {', '.join(sorted(known_methods()))}")
+
+
+def known_methods() -> list[str]:
+    from quantrt.quant import catalog  # noqa: F401
+
+    return sorted({cls.name for cls in _CONFIGS.values()})
+
+
+class LinearMethod(ABC):
+    """Owns the weights of one linear layer (possibly several fused output shards)."""
+
+    @abstractmethod
+    def create_weights(self, layer: torch.nn.Module, input_size: int, output_sizes: list[int],
+                       params_dtype: torch.dtype) -> None:
+        """Register the layer's parameters with the on-disk names, shapes and dtypes."""
+
+    @abstractmethod
+    def load_weight(self, layer: torch.nn.Module, name: str, tensor: Any, shard: int) -> None:
+        """Copy one checkpoint tensor (``name`` is the part after the layer prefix) into
+        output shard ``shard`` of the layer."""
+
+    @abstractmethod
+    def process_weights_after_loading(self, layer: torch.nn.Module, device: torch.device) -> None:
+        """Check completeness, move to ``device`` and repack for the chosen kernel."""
+
+    @abstractmethod
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x @ W^T (+ bias)."""
+
+    def kernel(self, layer: torch.nn.Module) -> KernelChoice:
+        return getattr(layer, "kernel_choice", KernelChoice("torch-reference"))
+
+    def weight_bytes(self, layer: torch.nn.Module) -> int:
+        """Bytes the layer's weights occupy after loading (shared tensors counted once by caller)."""
+        return sum(t.numel() * t.element_size() for t in layer_tensors(layer))
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        """Short weight-format label for ``inspect``."""
+        return type(self).__name__
+
+
+class EmbeddingMethod(ABC):
+    """Owns a token embedding table; ``embed`` looks rows up without dequantizing the rest."""
+
+    @abstractmethod
+    def create_weights(self, layer: torch.nn.Module, num_embeddings: int, embedding_dim: int,
+                       params_dtype: torch.dtype) -> None: ...
+
+    @abstractmethod
+    def load_weight(self, layer: torch.nn.Module, name: str, tensor: Any) -> None: ...
+
+    @abstractmethod
+    def process_weights_after_loading(self, layer: torch.nn.Module, device: torch.device) -> None: ...
+
+    @abstractmethod
+    def embed(self, layer: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def weight_bytes(self, layer: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in layer_tensors(layer))
+
+    def describe(self, layer: torch.nn.Module) -> str:
+        return type(self).__name__
+
+
+def layer_tensors(layer: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a layer holds for its weights: parameters, buffers and kernel-side tensors."""
+    tensors = [p for p in layer.parameters(recurse=False)] + [b for b in layer.buffers(recurse=False)]
+    for extra in getattr(layer, "kernel_tensors", ()):
+        tensors.append(extra)
+    return [t for t in tensors if t is not None]
+
+
+@dataclass
+class ShardTracker:
+    """Remembers which (tensor name, shard) pairs were loaded, to name what is missing."""
+
+    expected: set[tuple[str, int]] = field(default_factory=set)
+    loaded: set[tuple[str, int]] = field(default_factory=set)
+
+    def mark(self, name: str, shard: int) -> None:
+        self.loaded.add((name, shard))
+
+    def missing(self) -> list[tuple[str, int]]:
+        return sorted(self.expected - self.loaded)

@@ -1,0 +1,148 @@
+"""Kernel choice for GGML block-quantized weights, kept apart from the GGUF format code.
+
+Kernels are tried in priority order; each says ``can_implement(weight, device, policy)
+-> (ok, reason)`` and the first that accepts runs.  The reasons of the faster kernels that
+refused are kept so ``inspect`` and the logs can say why the fast path was not taken.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import gguf
+import torch
+import torch.nn.functional as F
+
+from quant_kernels import cpu_int4, gguf_ref
+
+FLOAT_TYPES = {
+    gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
+}
+
+# Above this many rows of activations, dequantizing the whole weight once and running a dense
+# GEMM beats tinygemm's int4 kernel on 2 AVX2 cores (scripts/bench_cpu_int4.py: at M=8 int4
+# is ~3x faster than dequant+GEMM for 1536x576, at M=64 dequant+GEMM wins).
+CPU_INT4_MAX_ROWS = 32
+
+
+@dataclass
+class GGMLTensor:
+    """A GGML tensor as stored: ``data`` is uint8 ``[rows, row_bytes]`` for block types, or
+    a float tensor ``[rows, cols]`` for F32/F16/BF16."""
+
+    data: torch.Tensor
+    ggml_type: int
+    shape: tuple[int, int]
+
+    @property
+    def type_name(self) -> str:
+        return gguf.GGMLQuantizationType(self.ggml_type).name
+
+    def to_float(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.ggml_type in FLOAT_TYPES:
+            return self.data.to(dtype).reshape(self.shape)
+        return gguf_ref.dequantize(self.data, self.ggml_type, self.shape).to(dtype)
+
+    def to(self, device: torch.device) -> "GGMLTensor":
+        return GGMLTensor(self.data.to(device), self.ggml_type, self.shape)
+
+
+class GGMLKernel(ABC):
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
+        ...
+
+    @abstractmethod
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype) -> None: ...
+
+    @abstractmethod
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Tensors the kernel holds beyond the stored GGML data (for memory accounting)."""
+        return []
+
+
+class DenseKernel(GGMLKernel):
+    """F32/F16/BF16 tensors in a GGUF are not quantized: cast once, then a plain GEMM."""
+
+    name = "F.linear (unquantized GGUF tensor)"
+
+    @classmethod
+    def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
+        if w.ggml_type not in FLOAT_TYPES:
+            return False, f"{w.type_name} is block-quantized"
+        return True, ""
+
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype) -> None:
+        self.weight = w.to_float(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+
+class CpuInt4PackKernel(GGMLKernel):
+    """torch's tinygemm CPU int4 kernel (bf16 activations) for Q4_0/Q4_1/Q8_0 at small M;
+    dequantize + GEMM for prefill-sized batches."""
+
+    name = "cpu-int4pack (tinygemm, bf16 activations)"
+
+    @classmethod
+    def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
+        if policy == "reference":
+            return False, "reference kernels requested"
+        if device.type != "cpu":
+            return False, f"runs on the CPU only (device is {device.type})"
+        return cpu_int4.supports(w.ggml_type, w.shape[0], w.shape[1])
+
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype) -> None:
+        self.raw = w
+        self.packed = cpu_int4.prepare(w.data, w.ggml_type)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > CPU_INT4_MAX_ROWS:
+            return F.linear(x, self.raw.to_float(x.dtype))
+        return cpu_int4.matmul(x, self.packed)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self.packed, f.name) for f in dataclasses.fields(self.packed)
+                if isinstance(getattr(self.packed, f.name), torch.Tensor)]
+
+
+class DequantKernel(GGMLKernel):
+    """The torch reference: dequantize the whole weight on every call, then a dense GEMM.
+    Exact with respect to gguf-py's dequantization; slow, but always available."""
+
+    name = "dequantize + F.linear (torch reference)"
+
+    @classmethod
+    def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
+        return True, ""
+
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype) -> None:
+        self.raw = w
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.raw.to_float(x.dtype))
+
+
+GGML_KERNELS: tuple[type[GGMLKernel], ...] = (DenseKernel, CpuInt4PackKernel, DequantKernel)
+
+
+def pick_kernel(w: GGMLTensor, device: torch.device, policy: str
+                ) -> tuple[type[GGMLKernel], tuple[tuple[str, str], ...]]:
+    refused = []
+    for kernel in GGML_KERNELS:
+        ok, reason = kernel.can_implement(w, device, policy)
+        if ok:
+            return kernel, tuple(r for r in refused if r[0] != DenseKernel.name)
+        refused.append((kernel.name, reason))
+    raise AssertionError("the reference kernel accepts every tensor")

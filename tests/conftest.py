@@ -1,0 +1,28 @@
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_gguf():
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (fetched once into the cache)."""
+    from quantrt.demo import ensure_demo
+
+    return ensure_demo(quiet=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    # GPU tests run only where a GPU exists (the device tool); on CPU CI they are skipped
+    # with a reason instead of failing.
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,113 @@
+"""The real demo GGUF against HF transformers loading the same file (which dequantizes it).
+
+Tolerances: the reference kernels compute in fp32 from exactly the same dequantized
+weights, so last-position logits agree to 2e-3 absolute (logits span about +-30); the fast
+CPU kernel rounds activations and block scales to bf16, so its logits agree to 0.5.
+"""
+import pytest
+import torch
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village",
+    "1, 2, 3, 4, 5,",
+    "The three primary colors are",
+]
+
+
+@pytest.fixture(scope="module")
+def hf(demo_gguf):
+    transformers = pytest.importorskip("transformers")
+    d, name = str(demo_gguf.parent), demo_gguf.name
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    return tok, model.eval()
+
+
+@pytest.fixture(scope="module")
+def ours_ref(demo_gguf):
+    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
+    from quantrt.loader import load
+
+    lm = load(demo_gguf, device="cpu", kernels="reference")
+    return LLMEngine(lm, EngineConfig(kv_cache_memory=64 << 20))
+
+
+@pytest.fixture(scope="module")
+def ours_fast(demo_gguf):
+    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
+    from quantrt.loader import load
+
+    lm = load(demo_gguf, device="cpu")
+    return LLMEngine(lm, EngineConfig(kv_cache_memory=64 << 20))
+
+
+def _hf_logits(hf, prompt):
+    tok, model = hf
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits[0, -1].float()
+
+
+def _hf_greedy(hf, prompt, n):
+    """Plain argmax decoding with HF's KV cache (generate() would stop at or suppress EOS)."""
+    tok, model = hf
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out, past = [], None
+    with torch.no_grad():
+        for _ in range(n):
+            res = model(ids, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt = int(res.logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return out
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_tokenization_identical(hf, ours_ref, prompt):
+    assert ours_ref.tokenizer.encode(prompt) == hf[0](prompt).input_ids
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_last_logits_reference_kernels(hf, ours_ref, prompt):
+    ids = ours_ref.tokenizer.encode(prompt)
+    ours = ours_ref.runner.logits_for(ids, ours_ref.blocks)[-1]
+    ref = _hf_logits(hf, prompt)
+    assert (ours - ref).abs().max().item() < 2e-3
+    assert ours.argmax() == ref.argmax()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_last_logits_fast_kernels(hf, ours_fast, prompt):
+    ids = ours_fast.tokenizer.encode(prompt)
+    ours = ours_fast.runner.logits_for(ids, ours_fast.blocks)[-1]
+    ref = _hf_logits(hf, prompt)
+    assert (ours - ref).abs().max().item() < 0.5
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_continuation_identical(hf, ours_ref, prompt):
+    from quantrt.engine.sequence import SamplingParams
+
+    ids = ours_ref.tokenizer.encode(prompt)
+    seq = ours_ref.generate([ids], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
+    assert seq.output_ids == _hf_greedy(hf, prompt, 32)
+    assert ours_ref.blocks.num_free == ours_ref.blocks.num_blocks
+
+
+def test_fast_kernels_greedy_agrees_with_hf(hf, ours_fast):
+    """bf16 rounding in the fast kernel can flip a near-tie, after which greedy paths part.
+    Measured: 3 of the 5 prompts match HF for all 32 tokens and every prompt for its first 3.
+    Asserted: the first 3 tokens everywhere and full agreement on at least 3 prompts."""
+    from quantrt.engine.sequence import SamplingParams
+
+    same = 0
+    for prompt in PROMPTS:
+        ids = ours_fast.tokenizer.encode(prompt)
+        seq = ours_fast.generate([ids], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
+        hf_ids = _hf_greedy(hf, prompt, 32)
+        assert seq.output_ids[:3] == hf_ids[:3]
+        same += seq.output_ids == hf_ids
+    assert same >= 3
