@@ -4,7 +4,7 @@ The KV cache of one layer is a pair of tensors ``[num_blocks, block_size, kv_hea
 A batch is a flat list of new tokens (``T``) from ``B`` sequences; per sequence the metadata
 gives where its new tokens start (``query_start_loc``), its total length after this step
 (``context_lens``) and its block table.  ``slot_mapping`` says where each new token's K/V
-is written (``block * block_size + offset``; -1 = do not store, e.g. padding).
+is written (``block * block_size + offset``).
 """
 from __future__ import annotations
 
@@ -37,10 +37,33 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V ([T, kv_heads, head_dim]) into their cache slots."""
     nb, bs, h, d = k_cache.shape
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(nb * bs, h, d)[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(nb * bs, h, d)[slots] = v[keep].to(v_cache.dtype)
+    k_cache.view(nb * bs, h, d)[slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(nb * bs, h, d)[slot_mapping] = v.to(v_cache.dtype)
+
+
+def _context_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
+                  sliding_window: int | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per sequence: the flat cache slots of its context and its attention mask (None when
+    every query sees every key).  The same for every layer, so computed once per step."""
+    plan = getattr(meta, "_ref_plan", None)
+    if plan is not None:
+        return plan
+    plan = []
+    for b, (ctx, qlen) in enumerate(zip(meta.context_lens_host, meta.query_lens_host)):
+        nblocks = -(-ctx // block_size)
+        blocks = meta.block_tables[b, :nblocks].long()
+        slots = (blocks.unsqueeze(1) * block_size
+                 + torch.arange(block_size, device=device)).reshape(-1)[:ctx]
+        mask = None
+        if qlen > 1 or (sliding_window is not None and ctx > sliding_window):
+            qpos = torch.arange(ctx - qlen, ctx, device=device).unsqueeze(1)
+            kpos = torch.arange(ctx, device=device).unsqueeze(0)
+            mask = kpos <= qpos
+            if sliding_window is not None:
+                mask &= (qpos - kpos) < sliding_window
+        plan.append((slots, mask))
+    meta._ref_plan = plan
+    return plan
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -52,30 +75,21 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     ``c`` cached tokens and ``n`` new ones sits at position ``c - n + i`` and sees keys
     ``0 ..= c - n + i`` (only the last ``sliding_window`` of them when a window is set).
     """
-    _, block_size, kv_heads, head_dim = k_cache.shape
+    nb, block_size, kv_heads, head_dim = k_cache.shape
     heads = q.shape[1]
-    out = torch.empty_like(q)
+    k_flat = k_cache.view(nb * block_size, kv_heads, head_dim)
+    v_flat = v_cache.view(nb * block_size, kv_heads, head_dim)
+    plan = _context_plan(meta, block_size, q.device, sliding_window)
+    outs = []
     start = 0
-    for b, (ctx, qlen) in enumerate(zip(meta.context_lens_host, meta.query_lens_host)):
+    for (slots, mask), qlen in zip(plan, meta.query_lens_host):
         if qlen == 0:
             continue
-        nblocks = -(-ctx // block_size)
-        blocks = meta.block_tables[b, :nblocks].long()
-        k = k_cache[blocks].reshape(-1, kv_heads, head_dim)[:ctx]
-        v = v_cache[blocks].reshape(-1, kv_heads, head_dim)[:ctx]
-        qs = q[start:start + qlen]
-        mask = None
-        if qlen > 1 or sliding_window is not None:
-            qpos = torch.arange(ctx - qlen, ctx, device=q.device).unsqueeze(1)
-            kpos = torch.arange(ctx, device=q.device).unsqueeze(0)
-            allowed = kpos <= qpos
-            if sliding_window is not None:
-                allowed &= (qpos - kpos) < sliding_window
-            mask = allowed
-        o = F.scaled_dot_product_attention(
-            qs.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0).to(q.dtype),
-            v.transpose(0, 1).unsqueeze(0).to(q.dtype), attn_mask=mask, scale=scale,
-            enable_gqa=heads != kv_heads)
-        out[start:start + qlen] = o.squeeze(0).transpose(0, 1)
+        k = k_flat.index_select(0, slots).transpose(0, 1).to(q.dtype)
+        v = v_flat.index_select(0, slots).transpose(0, 1).to(q.dtype)
+        qs = q[start:start + qlen].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale,
+                                           enable_gqa=heads != kv_heads)
+        outs.append(o.transpose(0, 1))
         start += qlen
-    return out
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -110,11 +110,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(self.weight.data.to(device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order of operations as HF's LlamaRMSNorm: normalise in fp32, cast, then scale.
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # One fused op; it normalises in fp32 internally like HF's LlamaRMSNorm.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
@@ -149,8 +146,10 @@ def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half (NeoX) rotary embedding over the first ``rot_dim`` dims of each head;
-    cos/sin tables are precomputed once for every position."""
+    """Rotate-half (NeoX) rotary embedding over the first ``rot_dim`` dims of each head.
+
+    cos/sin tables are precomputed for every position; ``tables(positions)`` is looked up
+    once per forward and shared by all layers."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, rot_dim: int, max_positions: int) -> None:
         super().__init__()
@@ -159,26 +158,25 @@ class RotaryEmbedding(nn.Module):
         inv, scale = rope_inv_freq(rope, rot_dim)
         t = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv)
-        self.register_buffer("cos", freqs.cos() * scale, persistent=False)
-        self.register_buffer("sin", freqs.sin() * scale, persistent=False)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, Hq, D], k: [T, Hk, D]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin, self.rot_dim), _rotate(k, cos, sin, self.rot_dim)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin as [T, 1, rot_dim] in ``dtype``."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int) -> torch.Tensor:
-    dtype = x.dtype
-    xr = x[..., :rot_dim].float()
-    half = rot_dim // 2
-    x1, x2 = xr[..., :half], xr[..., half:]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
-    if rot_dim == x.shape[-1]:
-        return out
-    return torch.cat((out, x[..., rot_dim:]), dim=-1)
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim] (any number of heads: q and k can go together)."""
+        rot = self.rot_dim
+        xr = x[..., :rot] if rot != x.shape[-1] else x
+        half = rot // 2
+        rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+        out = xr * cos + rotated * sin
+        if rot == x.shape[-1]:
+            return out
+        return torch.cat((out, x[..., rot:]), dim=-1)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -36,17 +36,19 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv: KVCache,
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor, kv: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         cfg = self.cfg
-        qkv = self.qkv_proj(h)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(-1, cfg.num_heads, cfg.head_dim)
-        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        hq, hk = cfg.num_heads, cfg.num_kv_heads
+        qkv = self.qkv_proj(h).view(-1, hq + 2 * hk, cfg.head_dim)
+        v = qkv[:, hq + hk:]
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q = self.rotary.apply(self.q_norm(qkv[:, :hq]), *rope)
+            k = self.rotary.apply(self.k_norm(qkv[:, hq:hq + hk]), *rope)
+        else:
+            # q and k rotate together: one set of ops for both.
+            qk = self.rotary.apply(qkv[:, :hq + hk], *rope)
+            q, k = qk[:, :hq], qk[:, hq:]
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         o = paged_attention_ref(q, kv[0], kv[1], meta, self.scale, cfg.sliding_window)
         return self.o_proj(o.reshape(-1, cfg.q_size))
@@ -77,9 +79,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype,
                                                 f"{prefix}.post_attention_layernorm")
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv: KVCache,
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor, kv: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv, meta)
+        h = h + self.self_attn(rope, self.input_layernorm(h), kv, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -108,8 +110,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, h.dtype)
         for layer, kv in zip(self.layers, kv_caches):
-            h = layer(positions, h, kv, meta)
+            h = layer(rope, h, kv, meta)
         return self.norm(h)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
