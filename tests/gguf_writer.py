@@ -1,0 +1,238 @@
+"""Test-side HF -> GGUF converter that follows llama.cpp's ``convert_hf_to_gguf.py`` conventions.
+
+It turns one of our tiny HF checkpoints (``tests/tiny_models.py``) into the GGUF that
+llama.cpp's converter would write for it, so the GGUF loader can be checked against the
+safetensors loader and against transformers' GGUF loader on the very same weights:
+
+* architecture: ``LlamaForCausalLM`` and ``MistralForCausalLM`` both become GGUF arch
+  ``llama`` (llama.cpp has no separate ``mistral`` text arch; it registers Mistral on its
+  Llama converter), ``Qwen2ForCausalLM`` -> ``qwen2``, ``Qwen3ForCausalLM`` -> ``qwen3``;
+* tensor names from ``gguf.get_tensor_name_map(arch, n_layers)``;
+* Q/K rows (weights and biases) permuted for arch ``llama`` only: llama.cpp's rotary kernel
+  rotates adjacent pairs, HF rotates halves, so every head's rows are interleaved
+  ``[h0, h_half, h1, h_half+1, ...]``; the K permutation uses the KV head count;
+* 1-D tensors and ``*_norm.weight`` stay F32, every other (2-D) weight gets ``qtype``
+  (quantized with ``gguf.quants.quantize``); ``output.weight`` is absent when tied;
+* hyper-parameters under ``{arch}.*`` as llama.cpp's ``TextModel``/``LlamaModel`` write them
+  (``attention.key_length``/``value_length`` whenever ``config.json`` names a ``head_dim``,
+  ``vocab_size`` for arch ``llama``), ``general.file_type`` and ``general.quantization_version``;
+* the tokenizer as ``tokenizer.ggml.model = "gpt2"``: every id below ``vocab_size``
+  (``[PAD{i}]``/UNUSED for ids the tokenizer lacks, CONTROL for special added tokens),
+  merges from ``tokenizer.json``, bos/eos ids, ``add_bos_token`` and a chat template.
+
+What it does not do (because llama.cpp's converter does not, or our tiny models never need
+it): sentencepiece vocabularies, rope scaling keys, the pre-tokenizer hash lookup (the
+caller names ``tokenizer.ggml.pre``; our byte-level test tokenizer splits like GPT-2).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+Q = gguf.GGMLQuantizationType
+
+# HF class name -> GGUF architecture (as llama.cpp's converter registers them)
+HF_TO_GGUF_ARCH = {
+    "LlamaForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
+    "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
+    "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+}
+PERMUTED_ARCHS = {gguf.MODEL_ARCH.LLAMA}
+
+# tensor type of the 2-D weights -> general.file_type
+FILE_TYPES = {
+    Q.F32: gguf.LlamaFileType.ALL_F32,
+    Q.F16: gguf.LlamaFileType.MOSTLY_F16,
+    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+}
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ bos_token }}{{ message['role'] }}\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ bos_token }}assistant\n{% endif %}"
+)
+
+
+def permute_qk(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF (rotate-halves) row order -> llama.cpp (rotate-adjacent-pairs) row order.
+
+    Rows of one head are ``[first half | second half]``; afterwards row ``2j`` is the old
+    row ``j`` and row ``2j + 1`` the old row ``half + j``.  Works for weights and biases."""
+    rows = w.shape[0]
+    half = rows // heads // 2
+    return w.reshape(heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _head_counts(cfg: dict[str, Any]) -> tuple[int, int]:
+    heads = int(cfg["num_attention_heads"])
+    return heads, int(cfg.get("num_key_value_heads") or heads)
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float | None:
+    # transformers 5 writes rope_parameters: {rope_theta, rope_type}; 4.x writes rope_theta
+    params = cfg.get("rope_parameters") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    return None if theta is None else float(theta)
+
+
+def _encode_tensor(data: np.ndarray, qtype: Q) -> np.ndarray:
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if qtype == Q.F32:
+        return data
+    return gguf.quants.quantize(data, qtype)
+
+
+def _checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for part in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(str(part)))
+    if not out:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    return out
+
+
+def _write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, cfg: dict[str, Any], pre: str,
+                     chat_template: str | None) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    vocab_size = int(cfg["vocab_size"])
+    vocab = tok.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise ValueError(f"tokenizer ids reach {max(vocab.values())}, model vocab is {vocab_size}")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tok.get_added_vocab()
+    specials = {i for i, at in tok.added_tokens_decoder.items() if at.special}
+    tokens: list[str] = []
+    types: list[int] = []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif text in added:
+            tokens.append(text)
+            types.append(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(text)
+            types.append(gguf.TokenType.NORMAL)
+
+    raw = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    merges = raw.get("model", {}).get("merges") or []
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    if not merges:
+        # llama.cpp would write none and its BPE loader (and transformers') then refuse the file
+        raise ValueError("the tokenizer has no BPE merges; a gpt2 GGUF vocabulary needs them")
+
+    bos = tok.bos_token_id if tok.bos_token_id is not None else cfg.get("bos_token_id")
+    eos = tok.eos_token_id if tok.eos_token_id is not None else cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0]
+    probe = tok("a").input_ids
+    add_bos = bos is not None and probe[:1] == [bos]
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    if bos is not None:
+        w.add_bos_token_id(int(bos))
+    if eos is not None:
+        w.add_eos_token_id(int(eos))
+    if tok.pad_token_id is not None:
+        w.add_pad_token_id(int(tok.pad_token_id))
+    w.add_add_bos_token(bool(add_bos))
+    template = chat_template or tok.chat_template or DEFAULT_CHAT_TEMPLATE
+    w.add_chat_template(template)
+
+
+def convert_hf_to_gguf(model_dir: str | Path, out_path: str | Path, qtype: Q | str = Q.F32, *,
+                       tokenizer_pre: str = "gpt-2", chat_template: str | None = None,
+                       name: str | None = None, arch_name: str | None = None) -> Path:
+    """Write ``out_path`` from the HF checkpoint in ``model_dir``; return ``out_path``.
+
+    ``qtype`` is the type of every 2-D weight (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0; block types
+    need every row length to be a multiple of 32).  ``arch_name`` overrides only the
+    ``general.architecture`` string (and the metadata key prefix), e.g. to produce a file that
+    declares an architecture llama.cpp itself never writes."""
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    qtype = Q[qtype] if isinstance(qtype, str) else Q(qtype)
+    if qtype not in FILE_TYPES:
+        raise ValueError(f"unsupported tensor type {qtype.name}; choose one of "
+                         + ", ".join(t.name for t in FILE_TYPES))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hf_arch = next((a for a in cfg.get("architectures") or [] if a in HF_TO_GGUF_ARCH), None)
+    if hf_arch is None:
+        raise ValueError(f"unsupported architectures {cfg.get('architectures')}")
+    arch = HF_TO_GGUF_ARCH[hf_arch]
+    n_layers = int(cfg["num_hidden_layers"])
+    heads, kv_heads = _head_counts(cfg)
+    names = gguf.get_tensor_name_map(arch, n_layers)
+    permute = arch in PERMUTED_ARCHS
+    tied = bool(cfg.get("tie_word_embeddings", False))
+
+    w = gguf.GGUFWriter(str(out_path), arch_name or gguf.MODEL_ARCH_NAMES[arch])
+
+    # -- tensors
+    for hf_name, t in _checkpoint_tensors(model_dir).items():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        t = t.to(torch.float32)
+        if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = permute_qk(t, heads)
+        elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            t = permute_qk(t, kv_heads)
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"cannot map tensor {hf_name!r} for arch {gguf.MODEL_ARCH_NAMES[arch]}")
+        data = t.numpy()
+        ttype = Q.F32 if data.ndim <= 1 or gname.endswith("_norm.weight") else qtype
+        if ttype not in (Q.F32, Q.F16) and data.shape[-1] % 32:
+            raise ValueError(f"{gname}: row length {data.shape[-1]} is not a multiple of 32 "
+                             f"({ttype.name} blocks)")
+        w.add_tensor(gname, _encode_tensor(data, ttype), raw_dtype=ttype)
+
+    # -- hyper-parameters
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name or model_dir.name)
+    w.add_block_count(n_layers)
+    if "max_position_embeddings" in cfg:
+        w.add_context_length(int(cfg["max_position_embeddings"]))
+    w.add_embedding_length(int(cfg["hidden_size"]))
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(heads)
+    if cfg.get("num_key_value_heads") is not None:
+        w.add_head_count_kv(kv_heads)
+    if (theta := _rope_theta(cfg)) is not None:
+        w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None:
+        w.add_key_length(int(head_dim))
+        w.add_value_length(int(head_dim))
+    if arch == gguf.MODEL_ARCH.LLAMA:
+        w.add_vocab_size(int(cfg["vocab_size"]))
+    w.add_rope_dimension_count(int(head_dim or int(cfg["hidden_size"]) // heads))
+    w.add_file_type(FILE_TYPES[qtype])
+
+    # -- tokenizer
+    _write_tokenizer(w, model_dir, cfg, tokenizer_pre, chat_template)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out_path

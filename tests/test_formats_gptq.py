@@ -1,0 +1,222 @@
+"""formats.gptq: round trips, AutoGPTQ-style packing spec, malformed input, fixtures."""
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from formats import gptq
+from quant_kernels.int_ref import rtn_quantize
+from quantrt.errors import FormatError
+
+SHAPES = [(1376, 24), (23, 96), (96, 17)]  # (K, N): partial groups, N not a word multiple
+
+
+def _random_layer(k, n, bits, group_size, desc_act, sym, version, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g_idx = gptq.default_g_idx(k, group_size)
+    if desc_act:  # act-order: groups are assigned over a permutation of the rows
+        g_idx = g_idx[torch.argsort(torch.randperm(k, generator=gen))]
+    n_groups = gptq.num_groups(k, group_size)
+    q = torch.randint(0, 1 << bits, (k, n), generator=gen, dtype=torch.int32)
+    if sym:
+        zeros = torch.full((n_groups, n), 1 << (bits - 1), dtype=torch.int32)
+    else:
+        zeros = torch.randint(0, 1 << bits, (n_groups, n), generator=gen, dtype=torch.int32)
+        zeros[0, 0] = 0  # the v1 "-1" field: must read back as 0 (GPTQModel semantics)
+    scales = (torch.rand(n_groups, n, generator=gen) * 0.02 + 1e-3).to(torch.float16)
+    return q, zeros, scales, g_idx
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_round_trip(bits, group_size, version, desc_act, sym):
+    for i, (k, n) in enumerate(SHAPES):
+        q, zeros, scales, g_idx = _random_layer(k, n, bits, group_size, desc_act, sym, version,
+                                                seed=bits * 1000 + group_size + i)
+        qweight, qzeros, s16, gi = gptq.pack(q, zeros, scales, g_idx, bits, version,
+                                             group_size=group_size)
+        assert qweight.shape == (-(-k * bits // 32), n)
+        assert qzeros.shape == (gptq.num_groups(k, group_size), -(-n * bits // 32))
+        uq, uz, us, ug = gptq.unpack(qweight, qzeros, s16, gi, bits, group_size, version)
+        assert torch.equal(uq, q) and torch.equal(uz, zeros) and torch.equal(ug, g_idx.int())
+        # re-packing the unpacked tensors gives the same words
+        again = gptq.pack(uq, uz, us, ug, bits, version, group_size=group_size)
+        assert torch.equal(again[0], qweight) and torch.equal(again[1], qzeros)
+        w = gptq.dequantize(qweight, qzeros, s16, gi, bits, group_size, version)
+        ref = (scales.float()[g_idx.long()] * (q - zeros[g_idx.long()]).float()).t()
+        assert w.shape == (n, k) and w.dtype == torch.float16
+        assert torch.equal(w, ref.half())
+
+
+def _autogptq_pack_along_rows(intweight: np.ndarray, bits: int) -> np.ndarray:
+    """Packing written the way AutoGPTQ's QuantLinear.pack loops (uint32 words)."""
+    rows = intweight.shape[0] // 32 * bits
+    out = np.zeros((rows, intweight.shape[1]), dtype=np.uint32)
+    iw = intweight.astype(np.uint32)
+    i = row = 0
+    while row < rows:
+        if bits in (2, 4, 8):
+            for j in range(32 // bits):
+                out[row] |= iw[i + j] << np.uint32(bits * j)
+            i += 32 // bits
+            row += 1
+        else:  # 3-bit: 10 values, 2 bits of the 11th, ... (32 values in 3 words)
+            for j in range(10):
+                out[row] |= iw[i + j] << np.uint32(3 * j)
+            i += 10
+            out[row] |= iw[i] << np.uint32(30)
+            row += 1
+            out[row] |= (iw[i] >> np.uint32(2)) & np.uint32(1)
+            i += 1
+            for j in range(10):
+                out[row] |= iw[i + j] << np.uint32(3 * j + 1)
+            i += 10
+            out[row] |= iw[i] << np.uint32(31)
+            row += 1
+            out[row] |= (iw[i] >> np.uint32(1)) & np.uint32(3)
+            i += 1
+            for j in range(10):
+                out[row] |= iw[i + j] << np.uint32(3 * j + 2)
+            i += 10
+            row += 1
+    return out.view(np.int32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_matches_autogptq_loop_layout(bits):
+    k, n = 128, 64
+    q, zeros, scales, g_idx = _random_layer(k, n, bits, 32, False, False, 1, seed=bits)
+    qweight, qzeros, _, _ = gptq.pack(q, zeros, scales, g_idx, bits, 1, group_size=32)
+    assert np.array_equal(qweight.numpy(), _autogptq_pack_along_rows(q.numpy(), bits))
+    stored = ((zeros - 1) & ((1 << bits) - 1)).numpy()  # v1: zero - 1, masked
+    assert np.array_equal(qzeros.numpy(), _autogptq_pack_along_rows(stored.T, bits).T)
+
+
+def test_v1_symmetric_4bit_zeros_are_0x77777777():
+    q, zeros, scales, g_idx = _random_layer(64, 32, 4, 32, False, True, 1, seed=0)
+    _, qzeros, _, _ = gptq.pack(q, zeros, scales, g_idx, 4, 1)
+    assert (qzeros == 0x77777777).all()
+    _, qzeros2, _, _ = gptq.pack(q, zeros, scales, g_idx, 4, 2)
+    assert (qzeros2 == -0x77777778).all()  # 0x88888888 as int32
+
+
+def test_v1_zero_of_zero_wraps_or_reads_2_pow_bits():
+    # v1 stores (0 - 1) & 0xF = 15; GPTQModel reads it back as 0, AutoGPTQ/vLLM as 16.
+    q = torch.zeros(32, 8, dtype=torch.int32)
+    zeros = torch.zeros(1, 8, dtype=torch.int32)
+    qw, qz, s, gi = gptq.pack(q, zeros, torch.ones(1, 8), None, 4, 1, group_size=-1)
+    assert (qz == -1).all()
+    assert (gptq.unpack(qw, qz, s, gi, 4, -1, 1)[1] == 0).all()
+    auto = gptq.unpack(qw, qz, s, gi, 4, -1, 1, v1_zero="autogptq")[1]
+    assert (auto == 16).all()
+    # an autogptq-mode zero of 16 packs back to the same words
+    assert torch.equal(gptq.pack(q, auto, s, gi, 4, 1)[1], qz)
+
+
+def test_rtn_quantized_weight_dequantizes_close():
+    w = torch.randn(48, 256)
+    q, scales, zeros = rtn_quantize(w, 4, 64, sym=False)
+    packed = gptq.pack(q, zeros, scales, None, 4, 2, group_size=64)
+    back = gptq.dequantize(*packed, 4, 64, 2, dtype=torch.float32)
+    assert (back - w).abs().max() <= scales.float().max() * 0.51 + 1e-3
+
+
+def test_unpack_without_g_idx_uses_in_features():
+    q, zeros, scales, g_idx = _random_layer(96, 16, 3, 32, False, False, 2, seed=3)
+    qw, qz, s, _ = gptq.pack(q, zeros, scales, g_idx, 3, 2)
+    assert torch.equal(gptq.unpack(qw, qz, s, None, 3, 32, 2)[0], q)  # 96*3/32 rows exact
+    assert torch.equal(gptq.unpack(qw, qz, s, None, 3, 32, 2, in_features=96)[3], g_idx)
+
+
+def test_malformed_shapes_raise_format_error():
+    q, zeros, scales, g_idx = _random_layer(128, 64, 4, 32, False, False, 1, seed=1)
+    qw, qz, s, gi = gptq.pack(q, zeros, scales, g_idx, 4, 1)
+    with pytest.raises(FormatError, match="scales.*expected \\(4, 64\\)"):
+        gptq.unpack(qw, qz, s[:3], gi, 4, 32, 1)
+    with pytest.raises(FormatError, match="qweight.*expected \\(16, 64\\)"):
+        gptq.unpack(qw[:15], qz, s, gi, 4, 32, 1)
+    with pytest.raises(FormatError, match="qzeros.*expected \\(4, 8\\)"):
+        gptq.unpack(qw, qz[:, :7], s, gi, 4, 32, 1)
+    with pytest.raises(FormatError, match="scales"):
+        gptq.unpack(qw, qz, s, gi, 4, 64, 1)  # wrong group size: 2 groups expected
+    bad = gi.clone()
+    bad[0] = 9
+    with pytest.raises(FormatError, match="g_idx"):
+        gptq.unpack(qw, qz, s, bad, 4, 32, 1)
+    with pytest.raises(FormatError, match="bits=5"):
+        gptq.unpack(qw, qz, s, gi, 5, 32, 1)
+    with pytest.raises(FormatError, match="int32"):
+        gptq.unpack(qw.float(), qz, s, gi, 4, 32, 1)
+    with pytest.raises(FormatError, match="range"):
+        gptq.pack(q + 16, zeros, scales, g_idx, 4, 2)
+
+
+# ---------------------------------------------------------------- fixtures (golden)
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _fixture_dirs():
+    if not FIXTURES.is_dir():
+        return []
+    return sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name.startswith("gptq"))
+
+
+def _fixture_params(d: Path):
+    cfg = {}
+    for name in ("config.json", "quantize_config.json"):
+        if (d / name).is_file():
+            data = json.loads((d / name).read_text())
+            cfg.update(data.get("quantization_config", data))
+    bits = cfg.get("bits")
+    group = cfg.get("group_size")
+    m = re.search(r"(\d)bit", d.name)
+    bits = bits or (int(m.group(1)) if m else None)
+    m = re.search(r"_g(-?\d+|none|all)", d.name)
+    if group is None and m:
+        group = -1 if m.group(1) in ("none", "all") else int(m.group(1))
+    fmt = str(cfg.get("checkpoint_format", "")).lower()
+    version = 2 if ("v2" in fmt or "_v2" in d.name) else 1
+    return bits, group, version
+
+
+@pytest.mark.parametrize("fixture_dir", _fixture_dirs() or [None],
+                         ids=lambda p: getattr(p, "name", "none"))
+def test_golden_fixtures(fixture_dir):
+    if fixture_dir is None:
+        pytest.skip("no tests/fixtures/gptq* directories")
+    from safetensors.torch import load_file
+
+    ref_path = fixture_dir / "reference.safetensors"
+    if not ref_path.is_file():
+        pytest.skip(f"{fixture_dir.name}: no reference.safetensors")
+    bits, group, version = _fixture_params(fixture_dir)
+    if bits is None or group is None:
+        pytest.skip(f"{fixture_dir.name}: cannot tell bits/group_size")
+    tensors = {}
+    for f in fixture_dir.glob("*.safetensors"):
+        if f.name != "reference.safetensors":
+            tensors.update(load_file(f))
+    ref = load_file(ref_path)
+    checked = 0
+    for key, want in ref.items():
+        if not key.startswith("dequant."):
+            continue
+        mod = key[len("dequant."):]
+        if f"{mod}.qweight" not in tensors:
+            continue
+        # the reference is the library's fp16 dequant stored as float32
+        w = gptq.dequantize(tensors[f"{mod}.qweight"], tensors[f"{mod}.qzeros"],
+                            tensors[f"{mod}.scales"], tensors.get(f"{mod}.g_idx"), bits, group,
+                            version).to(want.dtype)
+        if w.shape != want.shape and w.t().shape == want.shape:
+            w = w.t()
+        assert torch.equal(w, want), f"{fixture_dir.name}: {mod} differs"
+        checked += 1
+    if not checked:
+        pytest.skip(f"{fixture_dir.name}: no dequant.<module> matched a GPTQ layer")
