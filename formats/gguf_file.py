@@ -14,13 +14,15 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from quantrt.errors import FormatError, SourceError
+
+if TYPE_CHECKING:  # imported in tensor(): validating a header should not cost torch's 2 s
+    import torch
 
 __all__ = ["GGUFTensorInfo", "GGUFFile", "read_gguf"]
 
@@ -219,7 +221,7 @@ class GGUFFile:
         magic = bytes(p.buf[:4])
         if magic != _MAGIC:
             raise p.fail(f"bad magic: the file starts with {magic!r}, but a GGUF file starts "
-                         f"with b'GGUF'", hint="this is not a GGUF file (or it is corrupt)")
+                         f"with b'GGUF'", hint="this is not a GGUF file, or it is corrupt")
         if p.size < _HEADER_BYTES:
             raise p.fail(f"file is {p.size} bytes, shorter than the {_HEADER_BYTES}-byte GGUF "
                          f"header", hint="the download is incomplete; re-download it")
@@ -336,6 +338,8 @@ class GGUFFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         """``torch.from_numpy(raw(name))`` without a copy; BF16 comes back as torch.bfloat16."""
+        import torch
+
         t = torch.from_numpy(self.raw(name))
         if self.tensors[name].ggml_type == GGMLQuantizationType.BF16:
             t = t.view(torch.bfloat16)

@@ -11,12 +11,14 @@ import os
 import pickle
 import re
 import struct
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
 from safetensors import safe_open
 
 from quantrt.errors import FormatError, SourceError
+
+if TYPE_CHECKING:  # imported where tensors are made: validating headers needs no torch
+    import torch
 
 __all__ = ["SafetensorsCheckpoint", "load_torch_checkpoint"]
 
@@ -298,6 +300,8 @@ class SafetensorsCheckpoint:
 # -- legacy PyTorch pickles ------------------------------------------------------------
 
 def _torch_load(path: str) -> Any:
+    import torch
+
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -331,6 +335,8 @@ def _torch_load(path: str) -> Any:
 
 
 def _as_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    import torch
+
     # Training scripts often wrap the weights: {"state_dict": {...}, "epoch": 3}.
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model", "module", "model_state_dict"):

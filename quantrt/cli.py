@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import click
 
-from quantrt.errors import QuantrtError
+from quantrt.errors import ConfigError, QuantrtError
 from quantrt.loader import DTYPES, KERNEL_POLICIES
+
+# torch.Generator.manual_seed takes a 64-bit seed; larger ones overflow deep in the sampler.
+MAX_SEED = 2**63 - 1
 
 
 class _Group(click.Group):
@@ -23,6 +29,17 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+
+
+@contextmanager
+def _about(source: str) -> Iterator[None]:
+    """Name the model in errors raised without a file (prompt too long, no chat template)."""
+    try:
+        yield
+    except QuantrtError as exc:
+        if exc.where is not None:
+            raise
+        raise type(exc)(exc.message, where=source, hint=exc.hint) from None
 
 
 def _common(f):
@@ -52,11 +69,13 @@ def inspect(source: str, quantization, device, dtype, kernels, as_json: bool) ->
     SOURCE is a .gguf file, a model directory, a hub id, or 'demo'.  The model is loaded
     (GGUF weights are memory-mapped) so that memory and kernels are the real ones.
     """
-    from quantrt.inspect_report import build_report, format_report
     from quantrt.loader import load
 
     lm = load(source, quantization, device=device, dtype=dtype, kernels=kernels)
-    report = build_report(lm)
+    from quantrt.inspect_report import build_report, format_report  # after load: torch is slow
+
+    with _about(source):
+        report = build_report(lm)
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
@@ -69,7 +88,8 @@ def inspect(source: str, quantization, device, dtype, kernels, as_json: bool) ->
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=-1), default=40, show_default=True,
               help="0 or -1 disables.")
-@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=None,
+              help="Seed for reproducible sampling.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--stats", is_flag=True, help="Print token counts and speed to stderr.")
@@ -77,37 +97,54 @@ def inspect(source: str, quantization, device, dtype, kernels, as_json: bool) ->
 def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
         seed, chat: bool, system, stats: bool, quantization, device, dtype, kernels) -> None:
     """Generate text from SOURCE (default: the demo model), streamed to stdout."""
-    from quantrt.engine.llm_engine import LLMEngine
-    from quantrt.engine.sequence import SamplingParams
     from quantrt.loader import load
 
+    # click's FloatRange lets nan and inf through; the sampler would crash on them.
+    if not math.isfinite(temperature):
+        raise ConfigError(f"--temperature must be a finite number, got {temperature}", where=source)
+    if not math.isfinite(top_p):
+        raise ConfigError(f"--top-p must be in (0, 1], got {top_p}", where=source)
+    if system is not None and not chat:
+        raise ConfigError("--system only applies with --chat", where=source,
+                          hint="add --chat, or put the instructions in the prompt")
     t0 = time.perf_counter()
     lm = load(source, quantization, device=device, dtype=dtype, kernels=kernels)
-    tok = lm.tokenizer
-    if chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    else:
-        ids = tok.encode(prompt)
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            top_k=top_k, seed=seed)
-    engine = LLMEngine(lm)
-    t1 = time.perf_counter()
-    first = None
-    count = 0
-    for piece in engine.stream(ids, params):
-        if first is None:
-            first = time.perf_counter()
-        count += 1
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    from quantrt.engine.llm_engine import LLMEngine  # after load: torch is slow to import
+    from quantrt.engine.sequence import SamplingParams
+
+    with _about(source):
+        tok = lm.tokenizer
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        else:
+            ids = tok.encode(prompt)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed)
+        engine = LLMEngine(lm)
+        t1 = time.perf_counter()
+        seq = engine.add_request(ids, params)
+        first = None
+        emitted = 0
+        while not seq.finished:
+            for out in engine.step():
+                if out.seq is not seq:
+                    continue
+                if first is None:
+                    first = time.perf_counter()
+                emitted += len(out.new_text)
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+        sys.stdout.write(seq.output_text[emitted:] + "\n")
     t2 = time.perf_counter()
-    sys.stdout.write("\n")
     if stats:
-        gen = max(t2 - (first or t2), 1e-9)
-        click.echo(f"[load {t1 - t0:.2f}s, prompt {len(ids)} tokens, first piece after "
-                   f"{(first or t2) - t1:.3f}s, {count} pieces in {gen:.2f}s]", err=True)
+        n = len(seq.output_ids)
+        decode = t2 - (first or t2)
+        rate = f"{(n - 1) / decode:.1f} tokens/s" if n > 1 and decode > 0 else "n/a"
+        click.echo(f"[load {t1 - t0:.2f}s; prompt {len(ids)} tokens, first token after "
+                   f"{(first or t2) - t1:.3f}s; {n} tokens generated, decode {rate}; "
+                   f"finish: {seq.finish_reason.value}]", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

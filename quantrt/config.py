@@ -111,18 +111,44 @@ class ModelConfig:
 
 def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     # transformers 5 writes ``rope_parameters`` (theta inside); 4.x writes rope_theta + rope_scaling.
-    params = dict(cfg.get("rope_parameters") or {})
+    params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise ConfigError("rope_parameters / rope_scaling must be JSON objects")
     params = {**scaling, **params}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rtype = params.get("rope_type", params.get("type", "default")) or "default"
+    # transformers falls back to max_position_embeddings, not to Llama 3's 8192.
+    original = (params.get("original_max_position_embeddings")
+                or cfg.get("original_max_position_embeddings")
+                or cfg.get("max_position_embeddings") or 8192)
     return RopeConfig(
         theta=float(theta), rope_type=str(rtype), factor=float(params.get("factor", 1.0)),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position=int(params.get("original_max_position_embeddings", 8192)),
+        original_max_position=int(original),
         beta_fast=float(params.get("beta_fast", 32.0)), beta_slow=float(params.get("beta_slow", 1.0)),
     )
+
+
+_REQUIRED = object()
+
+
+def _num(cfg: dict[str, Any], key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """``cfg[key]`` as ``kind``; a null counts as absent (transformers writes nulls)."""
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"config is missing the key {key!r}" if key not in cfg
+                              else f"config key {key!r} is null")
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and kind is int and isinstance(value, float):
+        ok = value.is_integer()
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        article = "an integer" if kind is int else "a number"
+        raise ConfigError(f"config key {key!r} must be {article}, got {value!r}")
+    return kind(value)
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:
@@ -133,47 +159,71 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
     return (int(value),)
 
 
+def _located(exc: ConfigError, where: str) -> ConfigError:
+    """``exc`` naming ``where`` when the raiser did not know the file."""
+    if exc.where is not None:
+        return exc
+    return ConfigError(exc.message, where=where, hint=exc.hint)
+
+
 def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """Build a :class:`ModelConfig` from a transformers ``config.json`` dict."""
-    if "text_config" in cfg and "hidden_size" not in cfg:
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "architectures": cfg.get("architectures")}
     archs = cfg.get("architectures") or []
+    if isinstance(archs, str):  # hand-written configs sometimes drop the list
+        archs = [archs]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"'architectures' must be a list of class names, got {archs!r}",
+                          where=where)
     arch = next((a for a in archs if a in HF_ARCHITECTURES), None)
     if arch is None:
         named = ", ".join(archs) if archs else f"model_type={cfg.get('model_type')!r}"
         raise ConfigError(f"unsupported architecture {named}", where=where,
                           hint=f"supported: {', '.join(sorted(HF_ARCHITECTURES))}")
     try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        heads = _num(cfg, "num_attention_heads", int)
+        hidden = _num(cfg, "hidden_size", int)
+        if not cfg.get("head_dim") and heads > 0 and hidden % heads:
+            raise ConfigError(f"hidden_size {hidden} is not a multiple of num_attention_heads "
+                              f"{heads} and there is no head_dim")
+        head_dim = _num(cfg, "head_dim", int, hidden // heads if heads > 0 else 0)
         return ModelConfig(
             family=HF_ARCHITECTURES[arch], architecture=arch, hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]), num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=head_dim,
-            vocab_size=int(cfg["vocab_size"]), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            intermediate_size=_num(cfg, "intermediate_size", int),
+            num_layers=_num(cfg, "num_hidden_layers", int), num_heads=heads,
+            num_kv_heads=_num(cfg, "num_key_value_heads", int, heads), head_dim=head_dim,
+            vocab_size=_num(cfg, "vocab_size", int), rms_norm_eps=_num(cfg, "rms_norm_eps", float, 1e-6),
             rope=_rope_from_hf(cfg),
-            rotary_dim=int(head_dim * float(cfg.get("partial_rotary_factor", 1.0))),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rotary_dim=int(head_dim * _num(cfg, "partial_rotary_factor", float, 1.0)),
+            max_position_embeddings=_num(cfg, "max_position_embeddings", int, 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 has biased q/k/v without saying so in its config.
             attention_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
             qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=(int(cfg["sliding_window"]) if cfg.get("sliding_window")
+            sliding_window=(_num(cfg, "sliding_window", int) if cfg.get("sliding_window")
                             and cfg.get("use_sliding_window", True) else None),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=_as_id_tuple(cfg.get("eos_token_id")),
             checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
         )
-    except KeyError as exc:
-        raise ConfigError(f"config is missing the key {exc.args[0]!r}", where=where) from None
-    except (TypeError, ValueError) as exc:
+    except ConfigError as exc:
+        raise _located(exc, where) from None
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ConfigError(f"config has an invalid value: {exc}", where=where) from None
 
 
 def from_gguf_metadata(meta: dict[str, Any], where: str) -> ModelConfig:
     """Build a :class:`ModelConfig` from GGUF key/values (llama.cpp's names)."""
+    try:
+        return _from_gguf_metadata(meta, where)
+    except ConfigError as exc:
+        raise _located(exc, where) from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"GGUF metadata has an invalid value: {exc}", where=where) from None
+
+
+def _from_gguf_metadata(meta: dict[str, Any], where: str) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise ConfigError(f"unsupported GGUF architecture {arch!r}", where=where,
@@ -189,15 +239,21 @@ def from_gguf_metadata(meta: dict[str, Any], where: str) -> ModelConfig:
 
     heads = int(key("attention.head_count", required=True))
     hidden = int(key("embedding_length", required=True))
+    if heads <= 0:
+        raise ConfigError(f"{arch}.attention.head_count must be positive, got {heads}")
     head_dim = int(key("attention.key_length", hidden // heads))
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = int(key("vocab_size", len(tokens) if tokens else 0))
+    if vocab <= 0:
+        raise ConfigError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens",
+                          hint="the vocabulary size is unknown")
+    context = int(key("context_length", 4096))
     rtype = key("rope.scaling.type", "none")
     rtype = {"none": "default", "linear": "linear", "yarn": "yarn"}.get(rtype, rtype)
     rope = RopeConfig(
         theta=float(key("rope.freq_base", 10000.0)), rope_type=rtype,
         factor=float(key("rope.scaling.factor", 1.0) or 1.0),
-        original_max_position=int(key("rope.scaling.original_context_length", 8192)),
+        original_max_position=int(key("rope.scaling.original_context_length", context)),
     )
     eos = meta.get("tokenizer.ggml.eos_token_id")
     return ModelConfig(
@@ -207,7 +263,7 @@ def from_gguf_metadata(meta: dict[str, Any], where: str) -> ModelConfig:
         num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=head_dim,
         vocab_size=vocab, rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope=rope, rotary_dim=int(key("rope.dimension_count", head_dim)),
-        max_position_embeddings=int(key("context_length", 4096)),
+        max_position_embeddings=context,
         tie_word_embeddings=False,  # decided by the loader from the presence of output.weight
         attention_bias=arch == "qwen2", qk_norm=arch == "qwen3",
         sliding_window=None,

@@ -3,27 +3,29 @@ into the quantization methods, then let each method repack for its kernel."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator
-
-import gguf
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Iterator
 
 from quantrt.config import ModelConfig, from_gguf_metadata, from_hf_config
-from quantrt.errors import FormatError, QuantrtError
-from quantrt.models import build_model
+from quantrt.errors import ConfigError, FormatError, QuantrtError, UnsupportedError
 from quantrt.quant.base import QuantConfig
 from quantrt.quant.detect import DetectedQuant, detect_hf, read_json, resolve
-from quantrt.quant.ggml_kernels import FLOAT_TYPES, GGMLTensor
 from quantrt.sources import ModelSource, resolve_source
 
+# torch, gguf and the model code are imported where they are used: the checks that
+# reject bad input run first and answer in a fraction of the two seconds torch takes.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 KERNEL_POLICIES = ("auto", "reference")
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
-# GGUF tensors that carry no weights of their own for our models.
-GGUF_IGNORED = {"rope_freqs.weight"}
+# Names of torch dtypes ("auto": float32 on CPU, the checkpoint's on GPU).
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
+# Llama 3.1+ GGUFs carry their rope scaling as per-frequency divisors in this tensor.
+ROPE_FREQS = "rope_freqs.weight"
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -42,16 +44,48 @@ class LoadedModel:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_options(device: Any, dtype: Any, kernels: str) -> None:
+    """Reject bad option values before any file is read (no torch needed)."""
+    if kernels not in KERNEL_POLICIES:
+        raise ConfigError(f"unknown kernel policy {kernels!r}", hint=f"one of {KERNEL_POLICIES}")
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
+    if isinstance(device, str) and not _DEVICE.match(device):
+        raise ConfigError(f"unsupported device {device!r}", hint="use cpu, cuda or cuda:N")
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    import torch
+
+    if device is None:
+        return default_device()
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {str(dev)!r}", hint="use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(dev)!r} requested but CUDA is not available here",
+                              hint="pass --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(dev)!r} does not exist: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device, ckpt_dtype: str) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in (None, "auto"):
         if dtype not in DTYPES:
-            raise QuantrtError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
+            raise ConfigError(f"unknown dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
+        return getattr(torch, dtype)
     if device.type == "cpu":
         return torch.float32  # CPU kernels compute in fp32 outside their own inner loops
     return torch.float16 if ckpt_dtype in ("float16", "torch.float16") else torch.bfloat16
@@ -64,14 +98,18 @@ def load(source: str | os.PathLike | ModelSource, quantization: str | None = Non
 
     ``kernels="reference"`` forces the exact torch reference path of every method.
     """
-    if kernels not in KERNEL_POLICIES:
-        raise QuantrtError(f"unknown kernel policy {kernels!r}", hint=f"one of {KERNEL_POLICIES}")
     src = source if isinstance(source, ModelSource) else resolve_source(source)
-    dev = torch.device(device) if device is not None else default_device()
     show = sys.stderr.isatty() if progress is None else progress
-    if src.kind == "gguf":
-        return _load_gguf(src, quantization, dev, dtype, kernels, show)
-    return _load_hf(src, quantization, dev, dtype, kernels, show)
+    try:
+        check_options(device, dtype, kernels)
+        if src.kind == "gguf":
+            return _load_gguf(src, quantization, device, dtype, kernels, show)
+        return _load_hf(src, quantization, device, dtype, kernels, show)
+    except QuantrtError as exc:
+        if exc.where is not None:
+            raise
+        # Every error names the model it is about, even where the raiser did not know it.
+        raise type(exc)(exc.message, where=str(src.path), hint=exc.hint) from None
 
 
 def _progress(items: Iterator, total: int, desc: str, show: bool) -> Iterator:
@@ -82,16 +120,27 @@ def _progress(items: Iterator, total: int, desc: str, show: bool) -> Iterator:
     return tqdm(items, total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False)
 
 
-def _finish(model: nn.Module, dev: torch.device, where: str, tie: bool) -> None:
+def _checkpoint_name(model: nn.Module, prefix: str, tensor: str, shard: int) -> str:
+    """The checkpoint's name for shard ``shard`` of a fused layer (users never saw ours)."""
+    head, _, last = prefix.rpartition(".")
+    for unfused, (fused, index) in getattr(model, "packed_modules", {}).items():
+        if fused == last and index == shard:
+            return f"{head}.{unfused}.{tensor}" if head else f"{unfused}.{tensor}"
+    return f"{prefix}.{tensor}" + (f" (shard {shard})" if shard else "")
+
+
+def _finish(model: nn.Module, dev: torch.device, where: str, tie: bool,
+            file_name: Any = None) -> None:
     """Check every tensor arrived, then repack each layer for its kernel on ``dev``.
     A tied lm_head is attached to the embedding after the embedding reached ``dev`` so
-    that both share one copy."""
+    that both share one copy.  ``file_name`` maps an HF tensor name to the file's own."""
     missing = []
     for module in model.modules():
         tracker = getattr(module, "tracker", None)
         if tracker is not None and not (tie and module is model.lm_head):
-            missing += [f"{module.prefix}.{t}" + (f" (shard {s})" if s else "")
-                        for t, s in tracker.missing()]
+            missing += [_checkpoint_name(model, module.prefix, t, s) for t, s in tracker.missing()]
+    if file_name is not None:
+        missing = [file_name(n) for n in missing]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise FormatError(f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}", where=where,
@@ -114,9 +163,9 @@ def _load_one(model: nn.Module, name: str, tensor: Any, where: str) -> None:
     try:
         module.load(tname, tensor, shard)
     except QuantrtError as exc:
-        if exc.where is None:
-            exc = type(exc)(exc.message, where=where, hint=exc.hint)
-        raise exc from None
+        # Layers speak of fused names (gate_up_proj shard 1); the user knows up_proj.
+        message = exc.message if name in exc.message else f"{name}: {exc.message}"
+        raise type(exc)(message, where=exc.where or where, hint=exc.hint) from None
 
 
 # -- GGUF ------------------------------------------------------------------------------------
@@ -128,13 +177,30 @@ def unpermute_qk(data: torch.Tensor, heads: int) -> torch.Tensor:
     return data.reshape(heads, rows // heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
+def _gguf_names(cfg: ModelConfig, where: str) -> Any:
+    """gguf-py's HF <-> GGUF tensor name map for ``cfg``'s architecture."""
+    import gguf
+
+    # llama.cpp writes Mistral as "llama"; a file saying "mistral" uses the same tensor names,
+    # and gguf-py has no MODEL_ARCH.MISTRAL to look them up under.
+    tensor_arch = {"mistral": "llama"}.get(cfg.architecture, cfg.architecture)
+    try:
+        arch = gguf.MODEL_ARCH[tensor_arch.upper()]
+    except KeyError:
+        raise UnsupportedError(f"gguf-py has no tensor names for architecture {cfg.architecture!r}",
+                               where=where) from None
+    return gguf.get_tensor_name_map(arch, cfg.num_layers)
+
+
 def _gguf_tensors(gf: Any, model: nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, Any]]:
-    arch = gguf.MODEL_ARCH[cfg.architecture.upper()]
-    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
+    from quantrt.quant.ggml_kernels import FLOAT_TYPES, GGMLTensor
+
+    names = _gguf_names(cfg, gf.path)
     reverse = {names.get_name(hf): hf for hf in model.checkpoint_module_names()}
     permute = cfg.architecture in ("llama", "mistral")
     for gname, info in gf.tensors.items():
-        if gname in GGUF_IGNORED:
+        if gname == ROPE_FREQS:
+            model.rotary.set_freq_factors(gf.tensor(gname).float())
             continue
         base, _, suffix = gname.rpartition(".")
         hf = reverse.get(base)
@@ -153,44 +219,59 @@ def _gguf_tensors(gf: Any, model: nn.Module, cfg: ModelConfig) -> Iterator[tuple
             yield f"{hf}.{suffix}", GGMLTensor(data, info.ggml_type, (1, info.shape[0])).to_float()[0]
 
 
-def _load_gguf(src: ModelSource, quantization: str | None, dev: torch.device, dtype: Any,
+def _load_gguf(src: ModelSource, quantization: str | None, device: Any, dtype: Any,
                kernels: str, show: bool) -> LoadedModel:
     from formats.gguf_file import read_gguf
-    from quantrt.tokenizer import Tokenizer
 
     gf = read_gguf(src.path)
     cfg = from_gguf_metadata(gf.metadata, str(src.path))
     tie = "output.weight" not in gf.tensors
     if tie != cfg.tie_word_embeddings:
         cfg = ModelConfig(**{**cfg.__dict__, "tie_word_embeddings": tie})
-    types = {n: gguf.GGMLQuantizationType(t.ggml_type).name for n, t in gf.tensors.items()}
+    types = {n: t.type_name for n, t in gf.tensors.items()}
     detected = DetectedQuant("gguf", {"file_type": gf.get("general.file_type"), "tensor_types": types},
                              str(src.path))
-    qc = resolve(detected, quantization)
+    qc = resolve(detected, quantization, str(src.path))
     qc.policy = kernels
+
+    from quantrt.models import build_model
+    from quantrt.tokenizer import Tokenizer
+
+    dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev, cfg.checkpoint_dtype)
     model = build_model(cfg, qc, torch_dtype)
     for name, tensor in _progress(_gguf_tensors(gf, model, cfg), len(gf.tensors), "loading", show):
         _load_one(model, name, tensor, str(src.path))
-    _finish(model, dev, str(src.path), tie)
+    names = _gguf_names(cfg, str(src.path))
+
+    def gguf_name(hf: str) -> str:
+        base, _, suffix = hf.rpartition(".")
+        found = names.get_name(base)
+        return f"{found}.{suffix}" if found else hf
+
+    _finish(model, dev, str(src.path), tie, gguf_name)
     tok = Tokenizer.from_gguf_metadata(gf.metadata, str(src.path))
     return LoadedModel(model.eval(), cfg, qc, tok, src, dev, torch_dtype, detected,
                        os.path.getsize(src.path), [gf])
 
 
 # -- HF directories --------------------------------------------------------------------------
-def _load_hf(src: ModelSource, quantization: str | None, dev: torch.device, dtype: Any,
+def _load_hf(src: ModelSource, quantization: str | None, device: Any, dtype: Any,
              kernels: str, show: bool) -> LoadedModel:
     from formats.safetensors_file import SafetensorsCheckpoint
-    from quantrt.tokenizer import Tokenizer
 
     cfg_path = os.path.join(src.path, "config.json")
     raw_cfg = read_json(cfg_path)
     cfg = from_hf_config(raw_cfg, cfg_path)
     detected = detect_hf(str(src.path), raw_cfg)
-    qc = resolve(detected, quantization)
+    ckpt = SafetensorsCheckpoint(src.path)  # headers only: cheap, and catches truncation early
+    qc = resolve(detected, quantization, str(src.path))
     qc.policy = kernels
-    ckpt = SafetensorsCheckpoint(src.path)
+
+    from quantrt.models import build_model
+    from quantrt.tokenizer import Tokenizer
+
+    dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev, cfg.checkpoint_dtype)
     model = build_model(cfg, qc, torch_dtype)
     tie = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
@@ -198,7 +279,7 @@ def _load_hf(src: ModelSource, quantization: str | None, dev: torch.device, dtyp
     for name, tensor in _progress(ckpt.items(), len(keys), "loading", show):
         if name.endswith(HF_IGNORED_SUFFIXES) or (tie and name == "lm_head.weight"):
             continue
-        _load_one(model, name, tensor, ckpt.file_of(name) if hasattr(ckpt, "file_of") else str(src.path))
+        _load_one(model, name, tensor, ckpt.info(name)[2])
     _finish(model, dev, str(src.path), tie)
     tok = Tokenizer.from_pretrained_dir(str(src.path))
     return LoadedModel(model.eval(), cfg, qc, tok, src, dev, torch_dtype, detected,

@@ -52,8 +52,10 @@ def resolve_source(spec: str | os.PathLike) -> ModelSource:
             return ModelSource("gguf", path, text)
         if path.name == "config.json":
             return ModelSource("hf_dir", path.parent, text)
+        hint = ("pass the directory that holds it and its config.json"
+                if path.suffix.lower() in (".safetensors", ".json", ".bin") else None)
         raise SourceError("not a model file: expected a .gguf file, a model directory or config.json",
-                          where=path)
+                          where=path, hint=hint)
     if path.is_dir():
         if (path / "config.json").is_file():
             return ModelSource("hf_dir", path, text)
@@ -67,9 +69,40 @@ def resolve_source(spec: str | os.PathLike) -> ModelSource:
         raise SourceError("the directory has no config.json and no .gguf file", where=path,
                           hint="pass a Hugging Face model directory or a .gguf file")
     if HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        # "models/foo" with a local models/ is a mistyped path, not a hub id to go looking for.
+        if path.parent.is_dir():
+            raise SourceError("no such file or directory", where=text,
+                              hint=f"not looked up on the Hugging Face Hub because "
+                                   f"{str(path.parent)!r} is a local directory")
         return ModelSource("hf_dir", _download_from_hub(text), text)
+    if path.exists():
+        raise SourceError("not a regular file or directory", where=text)
     raise SourceError("no such file or directory", where=text,
                       hint="pass a .gguf file, a model directory, a hub id like org/name, or 'demo'")
+
+
+def _hub_reason(exc: Exception) -> tuple[str, str]:
+    """(what went wrong, what to do) for a failed snapshot_download, in one line each."""
+    from huggingface_hub import errors
+
+    def kind(name: str) -> type | tuple:
+        return getattr(errors, name, ())  # names differ across huggingface_hub versions
+
+    if isinstance(exc, kind("GatedRepoError")):
+        return ("the repository is gated", "accept its terms on huggingface.co and log in "
+                                           "with `hf auth login`")
+    if isinstance(exc, kind("RepositoryNotFoundError")):
+        return ("no such repository (or it is private)", "check the id, or log in for a "
+                                                         "private repository")
+    if isinstance(exc, (kind("LocalEntryNotFoundError"), kind("OfflineModeIsEnabled"))):
+        return ("it is not in the local Hugging Face cache and downloads are disabled "
+                "(offline mode or no network)",
+                "unset HF_HUB_OFFLINE and check network access, or download it elsewhere and "
+                "pass the directory")
+    text = " ".join(str(exc).split())
+    first = text.split(". ")[0][:200] if text else type(exc).__name__
+    return first, ("check the id and network access (HF_HUB_OFFLINE=1 uses only the local "
+                   "cache), or download it elsewhere and pass the directory")
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -80,9 +113,7 @@ def _download_from_hub(repo_id: str) -> Path:
     try:
         local = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes one clear line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SourceError(f"could not fetch {repo_id!r} from the Hugging Face Hub: {reason[:200]}",
-                          where=repo_id,
-                          hint="check the id and network access (HF_HUB_OFFLINE=1 uses only the "
-                               "local cache), or download it elsewhere and pass the directory") from None
+        reason, hint = _hub_reason(exc)
+        raise SourceError(f"could not fetch {repo_id!r} from the Hugging Face Hub: {reason}",
+                          where=repo_id, hint=hint) from None
     return Path(local)

@@ -27,6 +27,7 @@ caller names ``tokenizer.ggml.pre``; our byte-level test tokenizer splits like G
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,32 @@ def _rope_theta(cfg: dict[str, Any]) -> float | None:
     params = cfg.get("rope_parameters") or {}
     theta = params.get("rope_theta", cfg.get("rope_theta"))
     return None if theta is None else float(theta)
+
+
+def _llama3_rope_factors(cfg: dict[str, Any]) -> torch.Tensor | None:
+    """Divisors per rotary frequency, computed the way llama.cpp's converter does for
+    rope_type llama3 (wavelengths above the low-frequency cut get `factor`, below the
+    high-frequency cut 1, and a smooth blend in between)."""
+    params = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    if params.get("rope_type", params.get("type")) != "llama3":
+        return None
+    heads, _ = _head_counts(cfg)
+    dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    base = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    factor, lo, hi = float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    old_ctx = float(params["original_max_position_embeddings"])
+    freqs = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old_ctx / hi:
+            out.append(1.0)
+        elif wavelen > old_ctx / lo:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def _encode_tensor(data: np.ndarray, qtype: Q) -> np.ndarray:
@@ -203,6 +230,10 @@ def convert_hf_to_gguf(model_dir: str | Path, out_path: str | Path, qtype: Q | s
             raise ValueError(f"{gname}: row length {data.shape[-1]} is not a multiple of 32 "
                              f"({ttype.name} blocks)")
         w.add_tensor(gname, _encode_tensor(data, ttype), raw_dtype=ttype)
+
+    # -- Llama 3.1 rope scaling: llama.cpp stores per-frequency divisors, not config keys
+    if (factors := _llama3_rope_factors(cfg)) is not None:
+        w.add_tensor("rope_freqs.weight", factors.numpy(), raw_dtype=Q.F32)
 
     # -- hyper-parameters
     w.add_type(gguf.GGUFType.MODEL)

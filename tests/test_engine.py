@@ -119,6 +119,7 @@ def test_stream_concatenates_to_text(loaded):
 @pytest.mark.parametrize("kwargs", [
     {"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2},
     {"min_p": 2}, {"repetition_penalty": 0}, {"presence_penalty": 3}, {"stop": ("",)},
+    {"temperature": float("nan")}, {"top_p": float("nan")}, {"seed": -1}, {"seed": 2**64},
 ])
 def test_bad_sampling_params(kwargs):
     with pytest.raises(ConfigError):

@@ -155,12 +155,31 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rot_dim = rot_dim
-        inv, scale = rope_inv_freq(rope, rot_dim)
-        t = torch.arange(max_positions, dtype=torch.float32)
+        self.rope = rope
+        self.max_positions = max_positions
+        self._build(None)
+
+    def _build(self, freq_factors: torch.Tensor | None) -> None:
+        inv, scale = rope_inv_freq(self.rope, self.rot_dim)
+        if freq_factors is not None:
+            inv = inv / freq_factors.float().to(inv.device)
+        t = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = torch.outer(t, inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scale, persistent=False)
         self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def set_freq_factors(self, factors: torch.Tensor) -> None:
+        """Per-frequency divisors, as Llama 3.1+ GGUFs store their rope scaling
+        (``rope_freqs.weight``, one value per rotated pair) instead of config keys."""
+        if tuple(factors.shape) != (self.rot_dim // 2,):
+            from quantrt.errors import FormatError
+
+            raise FormatError(f"rope_freqs.weight has shape {tuple(factors.shape)}, expected "
+                              f"({self.rot_dim // 2},)")
+        device = self.cos.device
+        self._build(factors)
+        self.to(device)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin as [T, 1, rot_dim] in ``dtype``."""

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from quantrt.errors import ConfigError, UnsupportedError
+
+if TYPE_CHECKING:  # torch is only needed by implementations; the CLI's error paths skip it
+    import torch
 
 _CONFIGS: dict[str, type["QuantConfig"]] = {}
 
@@ -66,18 +67,34 @@ def normalize_method_name(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
-def config_class(name: str) -> type[QuantConfig]:
+def canonical_method(name: str, where: str | None = None) -> str:
+    """The normalised name of a method quantrt knows (implemented or only recognised);
+    aliases map to their method.  Unknown names raise ConfigError."""
+    from quantrt.quant import catalog  # noqa: F401  (registers every method)
+
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"quantization method must be a non-empty string, got {name!r}",
+                          where=where)
+    key = normalize_method_name(name)
+    if key in _CONFIGS:
+        return normalize_method_name(_CONFIGS[key].name)
+    if key in catalog.NOT_SUPPORTED:
+        return key
+    raise ConfigError(f"unknown quantization method {name!r}", where=where,
+                      hint=f"implemented: {', '.join(known_methods())}; awq, gptq, fp8 and "
+                           f"{len(catalog.NOT_SUPPORTED) - 3} more are recognised but not "
+                           f"supported yet")
+
+
+def config_class(name: str, where: str | None = None) -> type[QuantConfig]:
     """Look up a registered method by name or alias; unknown names get a clear error."""
     from quantrt.quant import catalog  # noqa: F401  (registers every method)
 
-    key = normalize_method_name(name)
+    key = canonical_method(name, where)
     if key in _CONFIGS:
         return _CONFIGS[key]
-    if key in catalog.NOT_SUPPORTED:
-        raise UnsupportedError(f"quantization method {name!r} is recognised but not supported yet: "
-                               f"{catalog.NOT_SUPPORTED[key]}")
-    raise ConfigError(f"unknown quantization method {name!r}",
-                      hint=f"known: {', '.join(sorted(known_methods()))}")
+    raise UnsupportedError(f"quantization method {name!r} is recognised but not supported yet: "
+                           f"{catalog.NOT_SUPPORTED[key]}", where=where)
 
 
 def known_methods() -> list[str]:

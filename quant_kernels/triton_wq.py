@@ -1,0 +1,129 @@
+"""Fused dequant-matmul for every integer weight-only format (public API).
+
+    w = pack_wq(q, scales, bias, group_size, bits, perm=None, dtype=torch.float16)
+    y = wq_matmul(x, w)            # x [..., K] fp16/bf16 -> [..., N]
+    y = wq_reference(x, w)         # pure torch fp32 oracle / CPU path
+
+Dispatch on M (rows of x after flattening leading dims):
+
+* M <= 16: ``triton_wq_gemv`` (weight streamed once, split-K when N alone is too few
+  programs for the GPU);
+* 16 < M < DEQUANT_GEMM_MIN_M: ``triton_wq_gemm`` (fused dequant tiled GEMM);
+* M >= DEQUANT_GEMM_MIN_M: dequantize the whole weight once to x.dtype with a Triton
+  kernel, then cuBLAS (its cost is amortized over M rows, and cuBLAS beats the fused
+  kernel's per-M-tile dequant at large M).
+
+``wq_matmul`` without ``out`` goes through the custom op ``torch.ops.quantrt.wq_matmul``
+(with a fake impl), so it can be captured by CUDA graphs and traced by torch.compile.
+Autotuning benchmarks on the first call of each (M bucket, N, K, group, bits, dtype): run
+every bucket once before capturing a CUDA graph.  Tuned configs are kept in Triton's
+on-disk cache (Triton >= 3.2 ``cache_results``).
+
+On CPU tensors it runs the Triton kernels under ``TRITON_INTERPRET=1`` (tests) and
+``wq_reference`` otherwise.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .wq_layout import (WQWeight, dequantize_wq, pack_wq, perm_from_g_idx,  # noqa: F401
+                        unpack_q, wq_reference)
+
+try:
+    from . import triton_wq_gemm as _gemm
+    from . import triton_wq_gemv as _gemv
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - hosts without Triton keep the torch path
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DECODE_MAX_M = 16
+# Placeholder until measured on the H100 (scripts/bench_kernels.py reports both paths
+# for M >= 64): above this M, dequantize-then-cuBLAS replaces the fused GEMM.
+DEQUANT_GEMM_MIN_M = 1024
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _uses_triton(x: torch.Tensor) -> bool:
+    return HAS_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
+
+
+def _check_inputs(x: torch.Tensor, w: WQWeight) -> None:
+    if x.dim() < 1 or x.shape[-1] != w.k:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., K={w.k}]")
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device}, the weight on {w.device}")
+
+
+def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.Tensor:
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, w.n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    if not _uses_triton(x):
+        return out.copy_(wq_reference(x, w))
+    if w.perm is not None:
+        x = x.index_select(1, w.perm)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if m <= DECODE_MAX_M:
+        return _gemv.gemv(x, w, out)
+    if m < DEQUANT_GEMM_MIN_M:
+        return _gemm.gemm(x, w, out)
+    return dequant_matmul(x, w, out, permuted=True)
+
+
+def dequant_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None = None,
+                   permuted: bool = False) -> torch.Tensor:
+    """The large-M path: Triton dequant of the whole weight to x.dtype, then cuBLAS."""
+    if w.perm is not None and not permuted:
+        x = x.index_select(1, w.perm)
+    dense = _gemm.dequantize(w, x.dtype)
+    if out is None:
+        return torch.mm(x, dense.t())
+    return torch.mm(x, dense.t(), out=out)
+
+
+@torch.library.custom_op("quantrt::wq_matmul", mutates_args=())
+def _wq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor, perm: torch.Tensor | None, k: int, group_size: int,
+                  bits: int) -> torch.Tensor:
+    w = WQWeight(qweight, scales, bias, perm, k, group_size, bits)
+    return _matmul_2d(x, w, None)
+
+
+@_wq_matmul_op.register_fake
+def _wq_matmul_fake(x, qweight, scales, bias, perm, k, group_size, bits):
+    torch._check(x.shape[1] == k)
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def wq_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[..., K] @ W.T`` -> ``[..., N]`` in x.dtype, fp32 accumulation.
+
+    ``out`` (shape [..., N], dtype x.dtype) is written in place, outside the custom op
+    (an op with ``mutates_args=()`` may not write into a caller's buffer).
+    """
+    _check_inputs(x, w)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.k)
+    if out is None:
+        y = torch.ops.quantrt.wq_matmul(x2, w.qweight, w.scales, w.bias, w.perm, w.k,
+                                        w.group_size, w.bits)
+        return y.reshape(*lead, w.n)
+    if tuple(out.shape) != (*lead, w.n) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be {x.dtype} [{', '.join(map(str, (*lead, w.n)))}] "
+                         f"on {x.device}, got {out.dtype} {list(out.shape)} on {out.device}")
+    out2 = out.view(-1, w.n)  # raises if out cannot be viewed as [M, N]
+    _matmul_2d(x2, w, out2)
+    return out
+
+
+__all__ = ["WQWeight", "pack_wq", "wq_reference", "wq_matmul", "dequant_matmul",
+           "dequantize_wq", "perm_from_g_idx", "unpack_q", "DEQUANT_GEMM_MIN_M",
+           "DECODE_MAX_M", "HAS_TRITON"]

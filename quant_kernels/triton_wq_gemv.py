@@ -1,0 +1,394 @@
+"""Decode kernel (M <= 16) for ``WQWeight`` and the device helpers shared with the GEMM.
+
+Each program owns ``BLOCK_N`` weight rows and a contiguous range of K tiles (its split);
+per K tile it loads a ``[BLOCK_N, BLOCK_K / P]`` block of packed words (rows are
+K-contiguous: 16-byte vector loads, whole sectors) plus one scale and one bias per row
+(``BLOCK_K`` divides the group, so a tile never straddles two groups, and group-major
+scales make those one coalesced load).
+
+Dequantizing a tile: value ``p`` of every word is extracted as a slice ``[BLOCK_N,
+BLOCK_K / P]`` and the P slices are interleaved back into natural K order (join/reshape:
+register renaming), so activations are read with plain contiguous loads.  Two ways:
+
+* ``dequant_tile_fast`` (GPU, fp16; bf16 4-bit): PTX from ``wq_layout`` turns pairs of
+  words into f16x2/bf16x2 ``q * s + b`` with ~2 instructions per weight.
+* ``dequant_tile`` (everywhere): ``1 + q / 2**bits`` as an exact fp32 from one constant
+  shift and one and/or with 1.0's exponent bits (no int->float instruction), then one
+  FMA ``f * s 2**b + (b - s 2**b)`` and a cast.
+
+Decode paths (BLOCK_M, chosen by the autotuner for M == 1):
+
+* BLOCK_M == 16: ``tl.dot(W_tile, x_tile^T)`` with M padded to 16 ("swap AB": weight rows
+  fill the MMA's M side, which wgmma wants >= 64; the <= 16 activation rows its N side).
+* BLOCK_M == 1 (M == 1): no tensor cores; with ``f = 1 + q / 2**b`` per tile
+  ``sum_k x_k (q_k s + c) = s 2**b (sum_k f_k x_k - sum_k x_k) + c sum_k x_k``, so a
+  weight costs shift, and/or, FMA.  The next tile's words are prefetched by hand.
+* Split-K: split ``s`` writes fp32 partials to ``ws[s, M, N]``; a second small kernel sums
+  them and casts (deterministic, and no zero-fill pass as an atomic version would need).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .wq_layout import (PTX_BF16_U4, PTX_F16_U4, PTX_F16_U8, WQWeight, k_tile_ok, m_bucket,
+                        num_sms, widest_k_tiles)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DECODE_MAX_M = 16
+# split-K partials cost SPLIT_K * M * N * 4 bytes; past this N the grid is large anyway
+SPLITK_MAX_N = 32768
+
+
+# ----------------------------------------------------------------------------- unpacking
+# The interpreter re-patches triton.language on every call of a @triton.jit device
+# function (~0.5 ms each, ~10 per K tile here); as plain Python functions the helpers run
+# the same tl ops without that, which keeps the interpreted tests fast.
+device_fn = (lambda fn: fn) if INTERPRET else triton.jit
+
+
+if INTERPRET:
+    def mma(a, b, acc):
+        # Triton 3.9's interpreter computes bf16 tl.dot wrongly; bf16 products are
+        # exact in fp32, so an fp32 dot gives what the GPU's bf16 MMA gives.
+        if a.dtype == tl.bfloat16:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision="ieee")
+else:
+    @triton.jit
+    def mma(a, b, acc):
+        return tl.dot(a, b, acc)
+
+
+@device_fn
+def _unit_slice(words, P: tl.constexpr, BITS: tl.constexpr):
+    # Move value P's bits to the top of the fp32 mantissa and OR in 1.0's exponent:
+    # exactly 1 + q / 2**BITS, with a constant shift and no int->float conversion
+    # (the arithmetic right shift's sign bits never survive the mask).
+    SH: tl.constexpr = 23 - BITS - P * BITS
+    if SH >= 0:
+        v = words << SH
+    else:
+        v = words >> (-SH)
+    v = (v & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
+    return v.to(tl.float32, bitcast=True)
+
+
+@device_fn
+def _interleave(a, b):
+    # tl.interleave for 2-D tensors, built from the join/reshape builtins directly
+    # (tl.interleave is itself a @jit function: slow under the interpreter)
+    c = tl.join(a, b)
+    return tl.reshape(c, [c.shape[0], 2 * c.shape[1]])
+
+
+@device_fn
+def _natural_order(s0, s1, s2, s3, s4, s5, s6, s7, BITS: tl.constexpr):
+    """Slices [R, C] (s_p = value p of every word) -> [R, C * P] in natural K order."""
+    # interleave(a, b) puts a at even and b at odd positions; log2(P) levels put leaf i
+    # at position bitreverse(i), so the leaves go in bit-reversed order.
+    if BITS == 4:
+        lo = _interleave(_interleave(s0, s4), _interleave(s2, s6))
+        hi = _interleave(_interleave(s1, s5), _interleave(s3, s7))
+        return _interleave(lo, hi)
+    else:
+        return _interleave(_interleave(s0, s2), _interleave(s1, s3))
+
+
+@device_fn
+def unpack_unit(words, BITS: tl.constexpr):
+    """[R, C] int32 words -> [R, C * 32 // BITS] fp32 ``1 + q / 2**BITS``, natural K order."""
+    if BITS == 4:
+        return _natural_order(
+            _unit_slice(words, 0, 4), _unit_slice(words, 1, 4), _unit_slice(words, 2, 4),
+            _unit_slice(words, 3, 4), _unit_slice(words, 4, 4), _unit_slice(words, 5, 4),
+            _unit_slice(words, 6, 4), _unit_slice(words, 7, 4), 4)
+    else:
+        return _natural_order(
+            _unit_slice(words, 0, 8), _unit_slice(words, 1, 8), _unit_slice(words, 2, 8),
+            _unit_slice(words, 3, 8), None, None, None, None, 8)
+
+
+@device_fn
+def load_tile(qw_ptr, s_ptr, b_ptr, offs_n, n_lim, k0, KW, GROUP,
+              stride_qn, stride_qk, stride_sn, stride_sg, stride_bn, stride_bg,
+              BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed words [BLOCK_N, BLOCK_K / P] and the scale/bias rows of the K tile at k0;
+    rows >= n_lim read nothing."""
+    BLOCK_KW: tl.constexpr = BLOCK_K * BITS // 32
+    n_mask = offs_n < n_lim
+    offs_w = k0 // (32 // BITS) + tl.arange(0, BLOCK_KW)
+    words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :] * stride_qk,
+                    mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0)
+    g = k0 // GROUP
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
+    b = tl.load(b_ptr + offs_n * stride_bn + g * stride_bg, mask=n_mask, other=0.0)
+    return words, s, b
+
+
+@device_fn
+def dequant_tile(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] weights ``q * s + b`` in DTYPE (fp32 math, one FMA per weight)."""
+    S = s.to(tl.float32) * (1 << BITS)
+    B = b.to(tl.float32) - S
+    return (unpack_unit(words, BITS) * S[:, None] + B[:, None]).to(DTYPE)
+
+
+# the PTX recipes, and why they are exact, are in wq_layout
+ASM_F16_U4 = tl.constexpr(PTX_F16_U4)
+ASM_BF16_U4 = tl.constexpr(PTX_BF16_U4)
+ASM_F16_U8 = tl.constexpr(PTX_F16_U8)
+
+
+def fast_dequant_ok(act_dtype: torch.dtype, bits: int) -> bool:
+    """Whether the PTX dequant applies (GPU, not disabled, fp16 or 4-bit bf16)."""
+    return (not INTERPRET and os.environ.get("QUANTRT_WQ_FAST_DEQUANT", "1") != "0"
+            and (act_dtype == torch.float16 or bits == 4))
+
+
+@device_fn
+def dequant_tile_fast(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Same result as dequant_tile (rounded once to DTYPE), via the PTX above."""
+    s = s.to(DTYPE)[:, None]
+    b = b.to(DTYPE)[:, None]
+    if BITS == 4:
+        if DTYPE == tl.float16:
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                ASM_F16_U4, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+        else:
+            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
+                ASM_BF16_U4, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b],
+                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                       tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+        return _natural_order(q0, q1, q2, q3, q4, q5, q6, q7, 4)
+    else:
+        q0, q1, q2, q3 = tl.inline_asm_elementwise(
+            ASM_F16_U8, "=r,=r,=r,=r,r,r,r,r", [words, s, b],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+        return _natural_order(q0, q1, q2, q3, None, None, None, None, 8)
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _wq_gemv_kernel(
+    # pointers: activations [M, K], packed weight [N, KW], scales/bias [N, Gn],
+    # output [M, N], fp32 split-K partials [SPLIT_K, M, N]
+    x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
+    # sizes (M_BUCKET only keys the autotuner)
+    M, N, K, KW, GROUP, M_BUCKET,
+    # strides
+    stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg,
+    stride_bn, stride_bg, stride_om, stride_on,
+    # meta
+    BITS: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # BLOCK_M == 1: the FMA path (M == 1 only); else: tl.dot with M padded to BLOCK_M
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    # this split's K tiles; the last splits may get none and then write zeros
+    num_kt = tl.cdiv(K, BLOCK_K)
+    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
+    kt_lo = pid_k * kt_per_split
+    kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
+
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # Software prefetch: the next tile's words are in flight while this one is
+        # unpacked (Triton's pipeliner only stages loads that feed tl.dot).  Past the
+        # split's end the row mask is all false, so the load touches no memory.
+        # (a row limit of 0 rather than `n_mask & cond`: the interpreter turns `&` of a
+        # block mask and a scalar condition into an int mask that tl.load rejects)
+        words, s, b = load_tile(qw_ptr, s_ptr, b_ptr, offs_n, tl.where(kt_lo < kt_hi, N, 0),
+                                kt_lo * BLOCK_K, KW, GROUP, stride_qn, stride_qk,
+                                stride_sn, stride_sg, stride_bn, stride_bg, BITS, BLOCK_K)
+        for kt in range(kt_lo, kt_hi):
+            k0 = kt * BLOCK_K
+            nxt_words, nxt_s, nxt_b = load_tile(
+                qw_ptr, s_ptr, b_ptr, offs_n, tl.where(kt + 1 < kt_hi, N, 0), k0 + BLOCK_K,
+                KW, GROUP, stride_qn, stride_qk, stride_sn, stride_sg, stride_bn, stride_bg,
+                BITS, BLOCK_K)
+            kk = k0 + offs_k
+            x = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
+            fx = tl.sum(unpack_unit(words, BITS) * x[None, :], axis=1)
+            sx = tl.sum(tl.broadcast_to(x[None, :], (BLOCK_N, BLOCK_K)), axis=1)
+            acc += s.to(tl.float32) * (1 << BITS) * (fx - sx) + b.to(tl.float32) * sx
+            words, s, b = nxt_words, nxt_s, nxt_b
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            tl.store(ws_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for kt in range(kt_lo, kt_hi):
+            k0 = kt * BLOCK_K
+            words, s, b = load_tile(qw_ptr, s_ptr, b_ptr, offs_n, N, k0, KW, GROUP,
+                                    stride_qn, stride_qk, stride_sn, stride_sg,
+                                    stride_bn, stride_bg, BITS, BLOCK_K)
+            if FAST:
+                w = dequant_tile_fast(words, s, b, BITS, x_ptr.dtype.element_ty)
+            else:
+                w = dequant_tile(words, s, b, BITS, x_ptr.dtype.element_ty)
+            kk = k0 + offs_k
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                         mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
+            acc = mma(w, xt, acc)
+        mask = n_mask[:, None] & m_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on,
+                     acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(ws_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _splitk_reduce_kernel(
+    ws_ptr, out_ptr,            # fp32 [SPLIT_K, M, N] partials -> output [M, N]
+    M, N, stride_om, stride_on,
+    SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    m = offs // N
+    n = offs % N
+    tl.store(out_ptr + m * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_reduce(ws: torch.Tensor, out: torch.Tensor, split_k: int) -> None:
+    m, n = out.shape
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        ws, out, m, n, out.stride(0), out.stride(1), SPLIT_K=split_k, BLOCK=block)
+
+
+# ----------------------------------------------------------------------------- tuning
+def splitk_workspace(device, m: int, n: int, configs, config=None) -> torch.Tensor:
+    """fp32 partials for the largest split the launch may pick (1 element if none)."""
+    if config is not None:
+        split = config.kwargs["SPLIT_K"]
+    else:
+        split = max(c.kwargs["SPLIT_K"] for c in configs) if n <= SPLITK_MAX_N else 1
+    return torch.empty(split * m * n if split > 1 else 1, device=device, dtype=torch.float32)
+
+
+def _post_hook(nargs, exception=None):
+    # The autotuner times kernel + post_hook, so split-K configs pay for their reduction.
+    if exception is None and nargs["SPLIT_K"] > 1:
+        out = nargs["out_ptr"]
+        _splitk_reduce_kernel[(triton.cdiv(nargs["M"] * nargs["N"], 1024),)](
+            nargs["ws_ptr"], out, nargs["M"], nargs["N"], nargs["stride_om"],
+            nargs["stride_on"], SPLIT_K=nargs["SPLIT_K"], BLOCK=1024)
+
+
+def autotune_kwargs() -> dict:
+    """Options every WQ autotuner shares: short benchmarks (the key space is large) and
+    results kept in Triton's on-disk cache where this Triton supports it."""
+    opts = {}
+    params = inspect.signature(triton.autotune).parameters
+    if "cache_results" in params:
+        opts["cache_results"] = True
+    if "do_bench" in params:
+        def bench(fn, quantiles):
+            return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+        opts["do_bench"] = bench
+    return opts
+
+
+def _cfg(bm, bn, bk, sk, warps=4, stages=3):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk},
+                         num_warps=warps, num_stages=stages)
+
+
+GEMV_CONFIGS = [
+    # tl.dot path (any M <= 16): the pipeliner stages loads through shared memory
+    _cfg(16, 64, 128, 1), _cfg(16, 128, 128, 1), _cfg(16, 64, 128, 2), _cfg(16, 64, 128, 4),
+    _cfg(16, 128, 128, 4), _cfg(16, 64, 256, 1), _cfg(16, 64, 256, 4),
+    _cfg(16, 64, 64, 1, 4, 4), _cfg(16, 64, 64, 4, 4, 4),
+    _cfg(16, 64, 32, 1, 4, 4), _cfg(16, 64, 32, 4, 4, 4),
+    # FMA path (M == 1): prefetches by hand, so one stage
+    _cfg(1, 64, 128, 1, 4, 1), _cfg(1, 128, 128, 1, 4, 1), _cfg(1, 64, 128, 4, 4, 1),
+    _cfg(1, 64, 256, 1, 4, 1), _cfg(1, 64, 64, 1, 4, 1), _cfg(1, 64, 32, 1, 4, 1),
+]
+SAFE_GEMV_CONFIG = _cfg(16, 32, 32, 1)  # fits every layout; the pruner's last resort
+
+
+def interpret_tiles(n: int, w: WQWeight) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K) for the interpreter, which cannot benchmark and pays
+    per tl op, not per element: few large tiles; split K in two when there are 2 tiles."""
+    block_k = next(bk for bk in (128, 64, 32) if k_tile_ok(bk, w.group_size, w.n_groups, w.kp))
+    split = 2 if triton.cdiv(w.k, block_k) >= 2 else 1
+    return min(128, max(16, triton.next_power_of_2(n))), block_k, split
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    a = {**named_args, **kwargs}
+    n, k, group, mb = a["N"], a["K"], a["GROUP"], a["M_BUCKET"]
+    n_groups = -(-k // group)
+    tiles = widest_k_tiles(group, n_groups, n_groups * group)
+    sms = num_sms(a["x_ptr"].device)
+    kept = []
+    for c in configs:
+        bm, bn, bk, sk = (c.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
+        if bk not in tiles or (bm == 1 and mb > 1):
+            continue
+        if sk > 1 and (n > SPLITK_MAX_N or triton.cdiv(n, bn) >= 2 * sms
+                       or sk > triton.cdiv(k, bk)):
+            continue
+        kept.append(c)
+    return kept or [SAFE_GEMV_CONFIG]
+
+
+_gemv_tuned = triton.autotune(
+    configs=GEMV_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "BITS"],
+    prune_configs_by={"early_config_prune": _prune_gemv}, post_hook=_post_hook,
+    **autotune_kwargs())(_wq_gemv_kernel)
+
+
+def gemv(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
+         config: triton.Config | None = None) -> torch.Tensor:
+    """``out[M, N] = x[M, K] @ W.T`` for M <= 16; x already permuted, shapes checked.
+
+    ``config`` pins one config (tests); otherwise autotuned (one fixed config when
+    interpreting).
+    """
+    m, k = x.shape
+    n = w.n
+    if m > DECODE_MAX_M:
+        raise ValueError(f"gemv takes M <= {DECODE_MAX_M}, got {m}")
+    if config is None and INTERPRET:
+        config = _cfg(1 if m == 1 else 16, *interpret_tiles(n, w))
+    if config is not None and config.kwargs["BLOCK_M"] < m:
+        raise ValueError(f"config BLOCK_M={config.kwargs['BLOCK_M']} < M={m}")
+    ws = splitk_workspace(x.device, m, n, GEMV_CONFIGS, config)
+    fast = fast_dequant_ok(x.dtype, w.bits)
+    args = (x, w.qweight, w.scales, w.bias, out, ws,
+            m, n, k, w.qweight.shape[1], w.group_size, m_bucket(m, DECODE_MAX_M),
+            x.stride(0), x.stride(1), w.qweight.stride(0), w.qweight.stride(1),
+            w.scales.stride(0), w.scales.stride(1), w.bias.stride(0), w.bias.stride(1),
+            out.stride(0), out.stride(1))
+    if config is not None:
+        grid = (triton.cdiv(n, config.kwargs["BLOCK_N"]), config.kwargs["SPLIT_K"])
+        _wq_gemv_kernel[grid](*args, BITS=w.bits, FAST=fast, **config.all_kwargs())
+        split = config.kwargs["SPLIT_K"]
+    else:
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+        _gemv_tuned[grid](*args, BITS=w.bits, FAST=fast)
+        split = _gemv_tuned.best_config.kwargs["SPLIT_K"]
+    if split > 1:
+        splitk_reduce(ws, out, split)
+    return out
