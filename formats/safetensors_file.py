@@ -20,7 +20,7 @@ from quantrt.errors import FormatError, SourceError
 if TYPE_CHECKING:  # imported where tensors are made: validating headers needs no torch
     import torch
 
-__all__ = ["SafetensorsCheckpoint", "load_torch_checkpoint"]
+__all__ = ["SafetensorsCheckpoint", "TorchCheckpoint", "load_torch_checkpoint", "open_checkpoint"]
 
 # Bits per element; sub-byte float formats pack several elements per byte.
 _DTYPE_BITS: dict[str, int] = {
@@ -392,3 +392,50 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                                   hint="the index and shards disagree; re-download them")
         state.update(shard)
     return state
+
+
+class TorchCheckpoint:
+    """A legacy ``.bin``/``.pt`` checkpoint behind the same reading interface as
+    :class:`SafetensorsCheckpoint` (loaded with ``weights_only=True``: no pickled code runs)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self._tensors = load_torch_checkpoint(path)
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...], str]:
+        t = self._tensors[name]
+        return str(t.dtype).removeprefix("torch."), tuple(t.shape), self.path
+
+    def get(self, name: str) -> "torch.Tensor":
+        return self._tensors[name]
+
+    def items(self):
+        return iter(sorted(self._tensors.items()))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def open_checkpoint(path: str | os.PathLike) -> "SafetensorsCheckpoint | TorchCheckpoint":
+    """Safetensors when the directory has any; otherwise legacy pickles, loaded safely."""
+    root = os.fspath(path)
+    if os.path.isdir(root):
+        names = os.listdir(root)
+        has_st = any(n.endswith(".safetensors") for n in names)
+        has_pickle = any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+        if has_pickle and not has_st:
+            return TorchCheckpoint(root)
+    return SafetensorsCheckpoint(root)

@@ -258,13 +258,13 @@ def _load_gguf(src: ModelSource, quantization: str | None, device: Any, dtype: A
 # -- HF directories --------------------------------------------------------------------------
 def _load_hf(src: ModelSource, quantization: str | None, device: Any, dtype: Any,
              kernels: str, show: bool) -> LoadedModel:
-    from formats.safetensors_file import SafetensorsCheckpoint
+    from formats.safetensors_file import open_checkpoint
 
     cfg_path = os.path.join(src.path, "config.json")
     raw_cfg = read_json(cfg_path)
     cfg = from_hf_config(raw_cfg, cfg_path)
     detected = detect_hf(str(src.path), raw_cfg)
-    ckpt = SafetensorsCheckpoint(src.path)  # headers only: cheap, and catches truncation early
+    ckpt = open_checkpoint(src.path)  # safetensors: headers only, catches truncation early
     qc = resolve(detected, quantization, str(src.path))
     qc.policy = kernels
 

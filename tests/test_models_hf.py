@@ -50,3 +50,31 @@ def test_greedy_decode_matches(tiny):
             ids.append(nxt)
     assert seq.output_ids == want
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+class _Opaque:
+    """Any object that is not a tensor: pickling it makes the file run code on load."""
+
+
+def test_legacy_bin_checkpoint_loads_safely(tmp_path):
+    """A directory with only pytorch_model.bin loads through weights_only=True and gives the
+    same logits as the safetensors copy; a pickle holding an arbitrary object is refused."""
+    from safetensors.torch import load_file
+
+    from quantrt.errors import FormatError
+    from quantrt.loader import load
+
+    path = make_tiny_model(tmp_path / "st", "llama")
+    legacy = tmp_path / "bin"
+    legacy.mkdir()
+    for f in path.iterdir():
+        if f.suffix != ".safetensors":
+            (legacy / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(path / "model.safetensors"))
+    torch.save(state, legacy / "pytorch_model.bin")
+    a, b = _engine(path), _engine(legacy)
+    ids = [5, 17, 200, 3]
+    assert torch.equal(a.runner.logits_for(ids, a.blocks), b.runner.logits_for(ids, b.blocks))
+    torch.save({**state, "extra": _Opaque()}, legacy / "pytorch_model.bin")
+    with pytest.raises(FormatError, match="pickled"):
+        load(legacy, device="cpu", progress=False)
