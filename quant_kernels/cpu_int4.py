@@ -139,10 +139,10 @@ def matmul(x: torch.Tensor, w: CpuInt4Weight) -> torch.Tensor:
     """``x @ W.T`` for ``x [..., K]`` of any float dtype -> ``[..., N]`` in ``x.dtype``."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k).to(torch.bfloat16).contiguous()
+    flat = x.dim() == 2
+    x2 = (x if flat else x.reshape(-1, w.k)).to(torch.bfloat16).contiguous()
     if x2.shape[0] == 0:
-        return x.new_zeros(*lead, w.n)
+        return x.new_zeros(*x.shape[:-1], w.n)
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu
     if len(w.packed) == 1:
         y = mm(x2, w.packed[0], GROUP, w.scales_zeros[0])
@@ -152,4 +152,5 @@ def matmul(x: torch.Tensor, w: CpuInt4Weight) -> torch.Tensor:
         y += mm(x2, w.packed[1], GROUP, w.scales_zeros[1]).float()
     if w.n_padded != w.n:
         y = y[:, :w.n]
-    return y.to(x.dtype).reshape(*lead, w.n)
+    y = y.to(x.dtype)
+    return y if flat else y.reshape(*x.shape[:-1], w.n)

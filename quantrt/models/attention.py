@@ -37,8 +37,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V ([T, kv_heads, head_dim]) into their cache slots."""
     nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d)[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(nb * bs, h, d)[slot_mapping] = v.to(v_cache.dtype)
+    if k.dtype != k_cache.dtype:
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+    k_cache.view(nb * bs, h, d)[slot_mapping] = k
+    v_cache.view(nb * bs, h, d)[slot_mapping] = v
 
 
 def _context_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
@@ -82,14 +84,26 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     plan = _context_plan(meta, block_size, q.device, sliding_window)
     outs = []
     start = 0
+    group = heads // kv_heads
     for (slots, mask), qlen in zip(plan, meta.query_lens_host):
         if qlen == 0:
             continue
-        k = k_flat.index_select(0, slots).transpose(0, 1).to(q.dtype)
-        v = v_flat.index_select(0, slots).transpose(0, 1).to(q.dtype)
-        qs = q[start:start + qlen].transpose(0, 1)
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale,
-                                           enable_gqa=heads != kv_heads)
-        outs.append(o.transpose(0, 1))
+        k = k_flat.index_select(0, slots)
+        v = v_flat.index_select(0, slots)
+        if k.dtype != q.dtype:
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        if qlen == 1 and mask is None:
+            # Decode: grouped query heads against their shared KV head as two small batched
+            # matmuls (SDPA's GQA path on CPU costs several times more at this size).
+            qh = q[start].view(kv_heads, group, head_dim)
+            scores = torch.matmul(qh, k.permute(1, 2, 0)) * scale          # [Hk, G, ctx]
+            o = torch.matmul(scores.softmax(-1), v.transpose(0, 1))        # [Hk, G, D]
+            outs.append(o.reshape(1, heads, head_dim))
+        else:
+            qs = q[start:start + qlen].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1),
+                                               attn_mask=mask, scale=scale,
+                                               enable_gqa=heads != kv_heads)
+            outs.append(o.transpose(0, 1))
         start += qlen
     return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -68,13 +68,17 @@ class GGUFLinearMethod(LinearMethod):
         layer.kernel_choice = KernelChoice(" + ".join(dict.fromkeys(names)), tuple(refused))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        outs = [kernel(x2) for _, kernel in layer.ggml_pieces]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        # The model always passes [tokens, features]; other ranks are flattened (each torch
+        # op costs ~10 us on a small CPU, so the common case skips the reshapes).
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        pieces = layer.ggml_pieces
+        if len(pieces) == 1:
+            y = pieces[0][1](x2)
+        else:
+            y = torch.cat([kernel(x2) for _, kernel in pieces], dim=-1)
         if bias is not None:
             y = y + bias
-        return y.reshape(*lead, y.shape[-1])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
     def describe(self, layer: nn.Module) -> str:
         shards = [s for s in layer.ggml_shards if s is not None]
