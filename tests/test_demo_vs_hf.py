@@ -97,17 +97,27 @@ def test_greedy_continuation_identical(hf, ours_ref, prompt):
     assert ours_ref.blocks.num_free == ours_ref.blocks.num_blocks
 
 
-def test_fast_kernels_greedy_agrees_with_hf(hf, ours_fast):
-    """bf16 rounding in the fast kernel can flip a near-tie, after which greedy paths part.
-    Measured: 3 of the 5 prompts match HF for all 32 tokens and every prompt for its first 3.
-    Asserted: the first 3 tokens everywhere and full agreement on at least 3 prompts."""
+def test_fast_kernels_track_hf_greedy(hf, ours_fast):
+    """bf16 rounding in the fast kernel can flip a near-tie, after which free-running greedy
+    paths part for good, so agreement is measured teacher-forced: at every step the fast path
+    predicts the next token of HF's own greedy continuation through real decode steps (M=1,
+    the int4 kernel).  Measured 157/160; asserted: the first token everywhere and >= 90%."""
     from quantrt.engine.sequence import SamplingParams
 
-    same = 0
+    agree = total = 0
     for prompt in PROMPTS:
-        ids = ours_fast.tokenizer.encode(prompt)
-        seq = ours_fast.generate([ids], SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
         hf_ids = _hf_greedy(hf, prompt, 32)
-        assert seq.output_ids[:3] == hf_ids[:3]
-        same += seq.output_ids == hf_ids
-    assert same >= 3
+        seq = ours_fast.add_request(ours_fast.tokenizer.encode(prompt),
+                                    SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+        i = 0
+        while not seq.finished:
+            ours_fast.step()
+            if i == 0:
+                assert seq.output_ids[0] == hf_ids[0], prompt
+            agree += seq.output_ids[i] == hf_ids[i]
+            total += 1
+            seq.output_ids[i] = hf_ids[i]  # force HF's token: the next step computes its K/V
+            i += 1
+    print(f"teacher-forced agreement {agree}/{total}")
+    assert total == 32 * len(PROMPTS)
+    assert agree >= 0.9 * total, f"{agree}/{total}"
