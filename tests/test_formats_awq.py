@@ -1,12 +1,11 @@
 """formats.awq: GEMM/GEMV round trips, AWQ_ORDER word layout, malformed input, fixtures."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from formats import awq
 from quantrt.errors import FormatError
+from tests.fixture_util import fixture_dirs, load_fixture
 
 
 def _layer(k, n, group_size, seed):
@@ -83,45 +82,16 @@ def test_malformed_inputs():
         awq.pack(q[:, :60], zeros[:, :60], scales[:, :60], 4, 32, "gemm")
 
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _fixture_dirs():
-    if not FIXTURES.is_dir():
-        return []
-    return sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name.startswith("awq"))
-
-
-@pytest.mark.parametrize("fixture_dir", _fixture_dirs() or [None],
-                         ids=lambda p: getattr(p, "name", "none"))
+@pytest.mark.parametrize("fixture_dir", fixture_dirs("awq"), ids=lambda p: p.name)
 def test_golden_fixtures(fixture_dir):
-    if fixture_dir is None:
-        pytest.skip("no tests/fixtures/awq* directories")
-    from safetensors.torch import load_file
-
-    if not (fixture_dir / "reference.safetensors").is_file():
-        pytest.skip(f"{fixture_dir.name}: no reference.safetensors")
-    cfg = {}
-    if (fixture_dir / "config.json").is_file():
-        cfg = json.loads((fixture_dir / "config.json").read_text()).get("quantization_config", {})
-    group = cfg.get("group_size", cfg.get("q_group_size"))
-    version = str(cfg.get("version", "gemv" if "gemv" in fixture_dir.name else "gemm")).lower()
-    if group is None:
-        pytest.skip(f"{fixture_dir.name}: no group_size in config.json")
-    tensors = {}
-    for f in fixture_dir.glob("*.safetensors"):
-        if f.name != "reference.safetensors":
-            tensors.update(load_file(f))
-    checked = 0
-    for key, want in load_file(fixture_dir / "reference.safetensors").items():
-        mod = key[len("dequant."):]
-        if not key.startswith("dequant.") or f"{mod}.qweight" not in tensors:
-            continue
+    fx = load_fixture(fixture_dir)
+    group = fx.quant_config.get("group_size", fx.quant_config.get("q_group_size"))
+    version = str(fx.quant_config["version"]).lower()
+    refs = fx.dequant_refs()
+    assert group and refs, f"{fx.name}: needs group_size and a dequant.<module> reference"
+    for mod, want in refs.items():
+        t = fx.module_tensors(mod)
         # AutoAWQ dequantizes in fp16; the reference stores that as float32
-        w = awq.dequantize(tensors[f"{mod}.qweight"], tensors[f"{mod}.qzeros"],
-                           tensors[f"{mod}.scales"], 4, group, version,
+        w = awq.dequantize(t["qweight"], t["qzeros"], t["scales"], 4, group, version,
                            in_features=want.shape[1]).to(want.dtype)
-        assert torch.equal(w, want), f"{fixture_dir.name}: {mod} differs"
-        checked += 1
-    if not checked:
-        pytest.skip(f"{fixture_dir.name}: no dequant.<module> matched an AWQ layer")
+        assert torch.equal(w, want), f"{fx.name}: {mod} differs"

@@ -1,12 +1,12 @@
 """formats.bnb: nibble layout, quant_state JSON, 4-bit/8-bit dequant, bitsandbytes golden."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from formats import bnb
 from quantrt.errors import FormatError
+from tests.fixture_util import fixture_dirs, load_fixture
 
 SHAPES = [(64, 128), (23, 17), (7, 96), (1376, 24)]
 
@@ -153,39 +153,15 @@ def test_golden_int8(bnb_functional):
 
 
 # ---------------------------------------------------------------- fixtures
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _fixture_dirs():
-    if not FIXTURES.is_dir():
-        return []
-    return sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name.startswith("bnb"))
-
-
-@pytest.mark.parametrize("fixture_dir", _fixture_dirs() or [None],
-                         ids=lambda p: getattr(p, "name", "none"))
+@pytest.mark.parametrize("fixture_dir", fixture_dirs("bnb"), ids=lambda p: p.name)
 def test_golden_fixtures(fixture_dir):
-    if fixture_dir is None:
-        pytest.skip("no tests/fixtures/bnb* directories")
-    from safetensors.torch import load_file
-
-    if not (fixture_dir / "reference.safetensors").is_file():
-        pytest.skip(f"{fixture_dir.name}: no reference.safetensors")
-    tensors = {}
-    for f in fixture_dir.glob("*.safetensors"):
-        if f.name != "reference.safetensors":
-            tensors.update(load_file(f))
-    checked = 0
-    for key, want in load_file(fixture_dir / "reference.safetensors").items():
-        mod = key[len("dequant."):]
-        if not key.startswith("dequant.") or f"{mod}.weight" not in tensors:
-            continue
-        if f"{mod}.SCB" in tensors:
-            w = bnb.dequantize_int8(tensors[f"{mod}.weight"], tensors[f"{mod}.SCB"], want.dtype)
+    fx = load_fixture(fixture_dir)
+    refs = fx.dequant_refs()
+    assert refs, f"{fx.name}: reference.safetensors holds no dequant.<module>"
+    for mod, want in refs.items():
+        if f"{mod}.SCB" in fx.tensors:
+            w = bnb.dequantize_int8(fx.tensors[f"{mod}.weight"], fx.tensors[f"{mod}.SCB"], want.dtype)
         else:
-            sub = {k[len(mod) + 1:]: v for k, v in tensors.items() if k.startswith(f"{mod}.weight")}
+            sub = {k: v for k, v in fx.module_tensors(mod).items() if k.startswith("weight")}
             w = bnb.dequantize_4bit_state_dict(sub).to(want.dtype)  # bnb dequantizes to fp16
-        assert torch.equal(w, want), f"{fixture_dir.name}: {mod} differs"
-        checked += 1
-    if not checked:
-        pytest.skip(f"{fixture_dir.name}: no dequant.<module> matched a bitsandbytes layer")
+        assert torch.equal(w, want), f"{fx.name}: {mod} differs"

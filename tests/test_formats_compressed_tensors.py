@@ -1,6 +1,4 @@
 """formats.compressed_tensors: pack-/int-/float-quantized, compressed-tensors golden, fixtures."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +6,7 @@ import torch
 from formats import compressed_tensors as ct
 from formats import fp8
 from quantrt.errors import FormatError
+from tests.fixture_util import fixture_dirs, load_fixture
 
 
 def _layer(n, k, bits, group_size, sym, actorder, seed):
@@ -163,40 +162,17 @@ def test_golden_float_and_int_quantized(ct_lib):
 
 
 # ---------------------------------------------------------------- fixtures
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _fixture_dirs():
-    if not FIXTURES.is_dir():
-        return []
-    return sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name.startswith("ct_"))
-
-
-@pytest.mark.parametrize("fixture_dir", _fixture_dirs() or [None],
-                         ids=lambda p: getattr(p, "name", "none"))
+@pytest.mark.parametrize("fixture_dir", fixture_dirs("ct_"), ids=lambda p: p.name)
 def test_golden_fixtures(fixture_dir):
-    if fixture_dir is None:
-        pytest.skip("no tests/fixtures/ct_* directories")
-    from safetensors.torch import load_file
-
-    if not (fixture_dir / "reference.safetensors").is_file():
-        pytest.skip(f"{fixture_dir.name}: no reference.safetensors")
-    qc = json.loads((fixture_dir / "config.json").read_text())["quantization_config"]
-    groups = list(qc["config_groups"].values())
-    if len(groups) != 1:
-        pytest.skip(f"{fixture_dir.name}: {len(groups)} config groups")
+    fx = load_fixture(fixture_dir)
+    groups = list(fx.quant_config["config_groups"].values())
+    assert len(groups) == 1, f"{fx.name}: {len(groups)} config groups"
     wargs = groups[0]["weights"]
-    fmt = groups[0].get("format") or qc.get("format")
-    tensors = {}
-    for f in fixture_dir.glob("*.safetensors"):
-        if f.name != "reference.safetensors":
-            tensors.update(load_file(f))
-    checked = 0
-    for key, want in load_file(fixture_dir / "reference.safetensors").items():
-        mod = key[len("dequant."):]
-        if not key.startswith("dequant."):
-            continue
-        t = {k[len(mod) + 1:]: v for k, v in tensors.items() if k.startswith(mod + ".")}
+    fmt = groups[0].get("format") or fx.quant_config.get("format")
+    refs = fx.dequant_refs()
+    assert refs, f"{fx.name}: reference.safetensors holds no dequant.<module>"
+    for mod, want in refs.items():
+        t = fx.module_tensors(mod)
         if fmt == "pack-quantized":
             w = ct.dequantize_packed(t["weight_packed"], t["weight_scale"], t["weight_shape"],
                                      wargs["num_bits"], t.get("weight_zero_point"),
@@ -204,12 +180,8 @@ def test_golden_fixtures(fixture_dir):
         elif fmt == "float-quantized":
             w = ct.dequantize_float(t["weight"], t["weight_scale"],
                                     block_structure=wargs.get("block_structure"))
-        elif fmt in ("int-quantized", "naive-quantized"):
+        else:
+            assert fmt in ("int-quantized", "naive-quantized"), f"{fx.name}: format {fmt!r}"
             w = ct.dequantize_int(t["weight"], t["weight_scale"], t.get("weight_zero_point"),
                                   t.get("weight_g_idx"))
-        else:
-            pytest.skip(f"{fixture_dir.name}: format {fmt!r} not covered")
-        assert torch.equal(w.to(want.dtype), want), f"{fixture_dir.name}: {mod} differs"
-        checked += 1
-    if not checked:
-        pytest.skip(f"{fixture_dir.name}: no dequant.<module> tensors")
+        assert torch.equal(w.to(want.dtype), want), f"{fx.name}: {mod} differs"

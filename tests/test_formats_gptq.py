@@ -1,7 +1,4 @@
 """formats.gptq: round trips, AutoGPTQ-style packing spec, malformed input, fixtures."""
-import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +7,7 @@ import torch
 from formats import gptq
 from quant_kernels.int_ref import rtn_quantize
 from quantrt.errors import FormatError
+from tests.fixture_util import fixture_dirs, load_fixture
 
 SHAPES = [(1376, 24), (23, 96), (96, 17)]  # (K, N): partial groups, N not a word multiple
 
@@ -158,65 +156,16 @@ def test_malformed_shapes_raise_format_error():
 
 
 # ---------------------------------------------------------------- fixtures (golden)
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
-def _fixture_dirs():
-    if not FIXTURES.is_dir():
-        return []
-    return sorted(p for p in FIXTURES.iterdir() if p.is_dir() and p.name.startswith("gptq"))
-
-
-def _fixture_params(d: Path):
-    cfg = {}
-    for name in ("config.json", "quantize_config.json"):
-        if (d / name).is_file():
-            data = json.loads((d / name).read_text())
-            cfg.update(data.get("quantization_config", data))
-    bits = cfg.get("bits")
-    group = cfg.get("group_size")
-    m = re.search(r"(\d)bit", d.name)
-    bits = bits or (int(m.group(1)) if m else None)
-    m = re.search(r"_g(-?\d+|none|all)", d.name)
-    if group is None and m:
-        group = -1 if m.group(1) in ("none", "all") else int(m.group(1))
-    fmt = str(cfg.get("checkpoint_format", "")).lower()
-    version = 2 if ("v2" in fmt or "_v2" in d.name) else 1
-    return bits, group, version
-
-
-@pytest.mark.parametrize("fixture_dir", _fixture_dirs() or [None],
-                         ids=lambda p: getattr(p, "name", "none"))
+@pytest.mark.parametrize("fixture_dir", fixture_dirs("gptq"), ids=lambda p: p.name)
 def test_golden_fixtures(fixture_dir):
-    if fixture_dir is None:
-        pytest.skip("no tests/fixtures/gptq* directories")
-    from safetensors.torch import load_file
-
-    ref_path = fixture_dir / "reference.safetensors"
-    if not ref_path.is_file():
-        pytest.skip(f"{fixture_dir.name}: no reference.safetensors")
-    bits, group, version = _fixture_params(fixture_dir)
-    if bits is None or group is None:
-        pytest.skip(f"{fixture_dir.name}: cannot tell bits/group_size")
-    tensors = {}
-    for f in fixture_dir.glob("*.safetensors"):
-        if f.name != "reference.safetensors":
-            tensors.update(load_file(f))
-    ref = load_file(ref_path)
-    checked = 0
-    for key, want in ref.items():
-        if not key.startswith("dequant."):
-            continue
-        mod = key[len("dequant."):]
-        if f"{mod}.qweight" not in tensors:
-            continue
-        # the reference is the library's fp16 dequant stored as float32
-        w = gptq.dequantize(tensors[f"{mod}.qweight"], tensors[f"{mod}.qzeros"],
-                            tensors[f"{mod}.scales"], tensors.get(f"{mod}.g_idx"), bits, group,
-                            version).to(want.dtype)
-        if w.shape != want.shape and w.t().shape == want.shape:
-            w = w.t()
-        assert torch.equal(w, want), f"{fixture_dir.name}: {mod} differs"
-        checked += 1
-    if not checked:
-        pytest.skip(f"{fixture_dir.name}: no dequant.<module> matched a GPTQ layer")
+    fx = load_fixture(fixture_dir)
+    qc = fx.quant_config
+    version = 2 if "v2" in str(qc.get("checkpoint_format", "gptq")).lower() else 1
+    refs = fx.dequant_refs()
+    assert refs, f"{fx.name}: reference.safetensors holds no dequant.<module>"
+    for mod, want in refs.items():
+        t = fx.module_tensors(mod)
+        # the reference is the library's fp16 dequant stored as float32, [out, in]
+        w = gptq.dequantize(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                            qc["bits"], qc["group_size"], version).to(want.dtype)
+        assert torch.equal(w, want), f"{fx.name}: {mod} differs"

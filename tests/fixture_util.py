@@ -1,0 +1,48 @@
+"""Golden fixture checkpoints (tests/fixtures/, made by scripts/fixtures/ with the reference
+libraries): finding them and reading what each holds."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture_dirs(prefix: str) -> list[Path]:
+    """Fixture directories whose MANIFEST.json name starts with ``prefix``.  The fixtures are
+    committed, so an empty result is an error, not a skip."""
+    names = json.loads((FIXTURES / "MANIFEST.json").read_text())["fixtures"]
+    dirs = sorted(FIXTURES / n for n in names if n.startswith(prefix))
+    if not dirs:
+        raise FileNotFoundError(f"no fixtures named {prefix}* in {FIXTURES}/MANIFEST.json")
+    return dirs
+
+
+@dataclass
+class Fixture:
+    name: str
+    tensors: dict[str, torch.Tensor]      # the checkpoint's tensors, every shard merged
+    reference: dict[str, torch.Tensor]    # input_ids, logits, dequant.<module>
+    quant_config: dict                    # config.json's quantization_config
+
+    def dequant_refs(self) -> dict[str, torch.Tensor]:
+        """{module name: the reference library's dequantized weight}."""
+        return {k[len("dequant."):]: v for k, v in self.reference.items() if k.startswith("dequant.")}
+
+    def module_tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """The module's tensors, keyed by the part of their name after ``module.``."""
+        return {k[len(module) + 1:]: v for k, v in self.tensors.items() if k.startswith(module + ".")}
+
+
+def load_fixture(d: Path) -> Fixture:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        if f.name != "reference.safetensors":
+            tensors.update(load_file(f))
+    qc = json.loads((d / "config.json").read_text()).get("quantization_config", {})
+    return Fixture(d.name, tensors, load_file(d / "reference.safetensors"), qc)
