@@ -1,0 +1,82 @@
+"""Kernel-only timing of wq_matmul vs cuBLAS fp16, both replayed from CUDA graphs so that
+host launch overhead (measured separately) drops out.  GPU only; a companion to
+scripts/bench_kernels.py, whose eager timings include the Python dispatch.
+
+    PYTHONPATH=. python scripts/bench_wq_graphs.py [--out kernels_graph.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from quant_kernels.triton_wq import pack_wq, wq_matmul, wq_reference
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
+MS = [1, 4, 16, 64, 256]
+ROTATE = 8  # weight copies per graph so the 50 MB L2 cannot hold them
+
+
+def graph_time_us(fn_list, iters: int = 20) -> float:
+    """Median per-call time of a graph that runs each fn in ``fn_list`` once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fn_list:  # warm-up (autotuning happens here, outside the capture)
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fn_list:
+            fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / len(fn_list))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="kernels_graph.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for k, n in SHAPES:
+        group, gn = 128, -(-k // 128)
+        weights, dense = [], []
+        for _ in range(ROTATE):
+            q = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+            s = torch.rand(n, gn, device="cuda", dtype=torch.float16) * 0.02 + 0.001
+            b = -8 * s
+            weights.append(pack_wq(q, s, b, group, 4, dtype=torch.float16))
+            dense.append(torch.randn(n, k, device="cuda", dtype=torch.float16))
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            ref = wq_reference(x, weights[0]).float()
+            got = wq_matmul(x, weights[0]).float()
+            err = ((got - ref).norm() / ref.norm()).item()
+            outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(ROTATE)]
+            ours = graph_time_us([lambda w=w, o=o: wq_matmul(x, w, out=o)
+                                  for w, o in zip(weights, outs)])
+            fp16 = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
+            wbytes = n * k / 2 + 4 * n * gn
+            rows.append({"K": k, "N": n, "M": m, "ours_us": ours, "fp16_us": fp16,
+                         "speedup": fp16 / ours, "weight_GBps": wbytes / ours / 1e3, "rel_err": err})
+            print(f"| {k} | {n} | {m} | {ours:.1f} | {fp16:.1f} | {fp16 / ours:.2f}x | "
+                  f"{wbytes / ours / 1e3:.0f} | {err:.1e} |", flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
