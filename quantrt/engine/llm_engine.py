@@ -1,16 +1,22 @@
-"""The generation engine: requests in, tokens and text out, one scheduler step at a time."""
+"""The generation engine: requests in, tokens and text out, one scheduler step at a time.
+
+Single-threaded by design: whoever owns the engine calls ``add_request``/``abort``/``step``
+from one thread (the async engine serialises them onto its own loop).
+"""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
-from quantrt.engine.block_manager import BlockManager
+from quantrt.engine.block_manager import BlockManager, KVUsage
 from quantrt.engine.model_runner import ModelRunner, kv_bytes_per_token
+from quantrt.engine.outputs import TokenLogprob
 from quantrt.engine.scheduler import Scheduler
-from quantrt.engine.sequence import FinishReason, SamplingParams, Sequence
+from quantrt.engine.sequence import FinishReason, SamplingParams, Sequence, make_group
 from quantrt.errors import ConfigError
 from quantrt.loader import LoadedModel
 
@@ -24,21 +30,36 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     kv_cache_memory: int | None = None      # bytes; None: 1 GiB on CPU, 40% of free on GPU
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
-            raise ConfigError("kv_cache_memory must be a positive number of bytes")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                     "kv_cache_memory"):
+            value = getattr(self, name)
+            if value is None and name in ("max_model_len", "kv_cache_memory"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ConfigError("enable_prefix_caching must be True or False")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "EngineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine option {unknown[0]!r}",
+                              hint="engine options are " + ", ".join(sorted(known)))
+        return cls(**options)
 
 
 @dataclass
 class StepOutput:
     seq: Sequence
-    new_text: str
+    new_text: str            # text released by this step (stop-string safe)
     new_token: int | None
     finished: bool
+    logprob: TokenLogprob | None = None
 
 
 class LLMEngine:
@@ -46,8 +67,6 @@ class LLMEngine:
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.config = config
-        self.max_model_len = min(config.max_model_len or lm.config.max_position_embeddings,
-                                 lm.config.max_position_embeddings)
         per_token = kv_bytes_per_token(lm, lm.dtype)
         budget = config.kv_cache_memory
         if budget is None:
@@ -60,21 +79,33 @@ class LLMEngine:
         if num_blocks < 1:
             raise ConfigError(f"kv_cache_memory of {budget} bytes holds no block of "
                               f"{config.block_size} tokens ({per_token} bytes per token)")
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.model_len_limit = min(config.max_model_len or lm.config.max_position_embeddings,
+                                   lm.config.max_position_embeddings)
+        # The last token of a sequence is sampled, never computed: a cache of C tokens
+        # serves sequences of C + 1, and a sequence running alone always fits.
+        self.max_model_len = min(self.model_len_limit, num_blocks * config.block_size + 1)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.runner = ModelRunner(lm, num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
-        self.streams: dict[int, object] = {}
-        self._counter = itertools.count()
+        self.streams: dict[int, Any] = {}
+        self.requests: dict[str, list[Sequence]] = {}    # unfinished requests by id
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
 
     # -- requests -----------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> Sequence:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams,
+                      request_id: str | None = None) -> None:
+        """Raise ConfigError for a request the engine would refuse; changes nothing."""
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"expected SamplingParams, got {type(params).__name__}")
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
-        if len(prompt_ids) >= self.max_model_len:
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt_ids):
+            raise ConfigError("a token-id prompt must be a list of integers")
+        if len(prompt_ids) >= self.model_len_limit:
             raise ConfigError(f"the prompt has {len(prompt_ids)} tokens; the context limit is "
-                              f"{self.max_model_len}")
-        if -(-(len(prompt_ids) + 1) // self.blocks.block_size) > self.blocks.num_blocks:
+                              f"{self.model_len_limit}")
+        if len(prompt_ids) >= self.max_model_len:
             raise ConfigError(f"the prompt ({len(prompt_ids)} tokens) does not fit in the KV cache "
                               f"({self.blocks.num_blocks * self.blocks.block_size} tokens)",
                               hint="raise kv_cache_memory")
@@ -82,18 +113,44 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
             raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        seq = Sequence(list(prompt_ids), params, request_id or str(next(self._counter)))
-        self.streams[seq.seq_id] = self.tokenizer.stream()
-        self.scheduler.add(seq)
-        return seq
+        if params.n > self.config.max_num_seqs:
+            raise ConfigError(f"n={params.n} completions exceed max_num_seqs="
+                              f"{self.config.max_num_seqs}", hint="raise max_num_seqs or lower n")
+        if request_id is not None and request_id in self.requests:
+            raise ConfigError(f"request id {request_id!r} is already running")
 
-    def abort(self, seq: Sequence) -> None:
-        if not seq.finished:
-            seq.finish_reason = FinishReason.ABORT
-            self._finish(seq)
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> Sequence:
+        """Queue a request; returns its first completion (``.group`` holds all ``n``)."""
+        self.check_request(prompt_ids, params, request_id)
+        while request_id is None or request_id in self.requests:
+            request_id = str(next(self._ids))
+        group = make_group(prompt_ids, params, request_id, next(self._arrivals))
+        for seq in group:
+            self.streams[seq.seq_id] = self.tokenizer.stream()
+        self.requests[request_id] = group
+        self.scheduler.add(group[0])   # the others are forked from it after its prefill
+        return group[0]
+
+    def abort(self, request: str | Sequence) -> bool:
+        """Stop a request (by id or by any of its sequences) and free its blocks.
+        False when it is unknown or already finished."""
+        rid = request.request_id if isinstance(request, Sequence) else request
+        group = self.requests.get(rid)
+        if group is None:
+            return False
+        for seq in group:
+            if not seq.finished:
+                seq.finish_reason = FinishReason.ABORT
+                self._finish(seq)
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def kv_usage(self) -> KVUsage:
+        """Cache slots in use vs slots holding K/V right now (fragmentation of the last block)."""
+        return self.blocks.usage(self.scheduler.running)
 
     # -- stepping -----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -103,40 +160,48 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with work pending")
             return []
         sampled = self.runner.step(batch, self.blocks)
+        for seq, n in batch:
+            self.blocks.commit(seq, seq.num_cached - n)
+        # Fork before appending: the parent may finish on this very token and free its blocks.
+        for seq, _, _ in sampled:
+            if seq.awaiting_fork:
+                self.blocks.fork(seq.group[0], seq, len(seq.prompt_ids))
+                seq.awaiting_fork = False
+                self.scheduler.add_forked(seq)
         outputs = []
-        for seq, _ in batch:
-            tok = sampled.get(seq.seq_id)
-            if tok is None:
-                continue
-            text = self._append(seq, tok)
-            outputs.append(StepOutput(seq, text, tok, seq.finished))
+        for seq, tok, lp in sampled:
+            text = self._append(seq, tok, lp)
+            outputs.append(StepOutput(seq, text, tok, seq.finished, lp))
         return outputs
 
-    def _append(self, seq: Sequence, tok: int) -> str:
+    def _append(self, seq: Sequence, tok: int, lp: TokenLogprob | None) -> str:
         p = seq.params
         seq.output_ids.append(tok)
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += lp.logprob
         stop_tok = (not p.ignore_eos and tok in self.tokenizer.eos_token_ids) or tok in p.stop_token_ids
         piece = "" if stop_tok else self.streams[seq.seq_id].add(tok)
         before = len(seq.output_text)
         seq.output_text += piece
         if stop_tok:
             seq.finish_reason = FinishReason.STOP
-        elif p.stop and self._hit_stop(seq, before, len(piece)):
+        elif p.stop and self._hit_stop(seq, before):
             seq.finish_reason = FinishReason.STOP
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.output_text += self.streams[seq.seq_id].flush()
             seq.finish_reason = FinishReason.LENGTH
+        emitted = seq.emitted
         if seq.finish_reason is not None:
             self._finish(seq)
-            return seq.output_text[before:]
-        # Hold back text that could be the start of a stop string.
-        hold = max((len(s) - 1 for s in p.stop), default=0)
-        emitted = getattr(seq, "_emitted", 0)
-        safe = max(emitted, len(seq.output_text) - hold)
-        seq._emitted = safe
-        return seq.output_text[emitted:safe]
+            seq.emitted = len(seq.output_text)
+        else:
+            # Hold back text that could be the start of a stop string.
+            hold = max((len(s) - 1 for s in p.stop), default=0)
+            seq.emitted = max(emitted, len(seq.output_text) - hold)
+        return seq.output_text[emitted:seq.emitted]
 
-    def _hit_stop(self, seq: Sequence, before: int, added: int) -> bool:
+    def _hit_stop(self, seq: Sequence, before: int) -> bool:
         longest = max(len(s) for s in seq.params.stop)
         lo = max(0, before - longest + 1)
         hits = [i for s in seq.params.stop if (i := seq.output_text.find(s, lo)) >= 0]
@@ -149,10 +214,12 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self.runner.sampler.forget(seq)
         self.streams.pop(seq.seq_id, None)
+        if all(s.finished for s in seq.group):
+            self.requests.pop(seq.request_id, None)
 
     # -- conveniences -------------------------------------------------------------------
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[str]:
-        """Generate for one prompt alone, yielding text as it becomes final."""
+        """Generate for one prompt, yielding text as it becomes final."""
         seq = self.add_request(prompt_ids, params)
         emitted = 0
         while not seq.finished:
@@ -165,7 +232,10 @@ class LLMEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
                  ) -> list[Sequence]:
+        """Run to completion; returns the first completion of each prompt (``.group``: all)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ConfigError(f"{len(plist)} sampling params for {len(prompts)} prompts")
         seqs = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
         while self.has_unfinished():
             self.step()

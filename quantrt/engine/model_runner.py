@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from quantrt.engine.block_manager import BlockManager
+from quantrt.engine.outputs import TokenLogprob
 from quantrt.engine.sampler import Sampler
 from quantrt.engine.sequence import Sequence
 from quantrt.loader import LoadedModel
@@ -54,21 +55,28 @@ class ModelRunner:
                 torch.tensor(pos, dtype=torch.int64, device=dev), meta, starts)
 
     @torch.inference_mode()
-    def step(self, batch: list[tuple[Sequence, int]], blocks: BlockManager) -> dict[int, int]:
-        """Run one step; returns {seq_id: next token} for sequences whose last token was computed."""
+    def step(self, batch: list[tuple[Sequence, int]], blocks: BlockManager
+             ) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        """Run one step; returns (sequence, next token, its logprobs) for every sequence whose
+        last token was computed, plus the completions forked from a prompt just prefilled
+        (they sample their first token from the same logits row)."""
         ids, pos, meta, starts = self._prepare(batch, blocks)
         hidden = self.model(ids, pos, self.kv_caches, meta)
-        sample_rows, sample_seqs = [], []
+        rows, expand, sample_seqs = [], [], []
         for i, (seq, n) in enumerate(batch):
             seq.num_cached += n
             if seq.num_cached == len(seq):
-                sample_rows.append(starts[i + 1] - 1)
-                sample_seqs.append(seq)
+                for s in [seq, *seq.fork_targets()]:
+                    expand.append(len(rows))
+                    sample_seqs.append(s)
+                rows.append(starts[i + 1] - 1)
         if not sample_seqs:
-            return {}
-        logits = self.model.compute_logits(hidden[sample_rows])
-        tokens = self.sampler(logits, sample_seqs)
-        return {seq.seq_id: tok for seq, tok in zip(sample_seqs, tokens)}
+            return []
+        logits = self.model.compute_logits(hidden[rows])
+        if len(expand) > len(rows):
+            logits = logits[expand]
+        tokens, logprobs = self.sampler(logits, sample_seqs)
+        return list(zip(sample_seqs, tokens, logprobs))
 
     @torch.inference_mode()
     def logits_for(self, prompt_ids: list[int], blocks: BlockManager) -> torch.Tensor:

@@ -1,16 +1,24 @@
 """Which sequences run in the next step, and how many of their tokens.
 
 Every step mixes decodes (one token each) with prefill chunks of newly admitted prompts,
-under a token budget (``max_num_batched_tokens``) and a sequence cap (``max_num_seqs``).
-When KV blocks run out, the most recently admitted sequence is preempted: its blocks are
-freed and it is recomputed from its tokens later, which changes no output.
+under a token budget (``max_num_batched_tokens``) and a seat cap (``max_num_seqs``).
+Service is first come, first served by request arrival: running sequences are served
+oldest first, waiting ones are admitted oldest first and none jumps the queue.  When KV
+blocks run out, the latest-arrived running sequence is preempted: its blocks are released
+and it is recomputed from its tokens later (from the prefix cache where its blocks
+survived), which changes no output.  An admitted prompt skips the full blocks the prefix
+cache already holds.
 """
 from __future__ import annotations
 
-from collections import deque
+import bisect
 
 from quantrt.engine.block_manager import BlockManager
 from quantrt.engine.sequence import Sequence, SeqStatus
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    return (seq.arrival, seq.index)
 
 
 class Scheduler:
@@ -18,15 +26,24 @@ class Scheduler:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: list[Sequence] = []   # sorted by arrival
+        self.running: list[Sequence] = []   # sorted by arrival
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        seq.status = SeqStatus.WAITING
+        bisect.insort(self.waiting, seq, key=_order)
+
+    def add_forked(self, seq: Sequence) -> None:
+        """A completion forked from a running one: it takes the seat reserved for it."""
+        seq.status = SeqStatus.RUNNING
+        bisect.insort(self.running, seq, key=_order)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def seats_taken(self) -> int:
+        return sum(seq.seats for seq in self.running)
 
     def remove(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -39,13 +56,12 @@ class Scheduler:
         self.num_preemptions += 1
         self.running.remove(seq)
         self.blocks.release(seq)
-        seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        self.add(seq)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
-        # Running sequences first, oldest first; preempt from the back when blocks run out.
+        # Running sequences first, oldest first; preempt the newest when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -62,17 +78,23 @@ class Scheduler:
             budget -= n
             i += 1
         # Then admit waiting sequences in arrival order while budget, seats and blocks allow.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = self.seats_taken()
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            n = min(len(seq) - seq.num_cached, budget)
-            if not self.blocks.can_grow(seq, n):
+            if seats + seq.seats > self.max_num_seqs:
                 break
-            self.waiting.popleft()
-            self.blocks.grow(seq, n)
+            hits = self.blocks.match_prefix(seq)
+            cached = seq.num_cached + len(hits) * self.blocks.block_size
+            n = min(len(seq) - cached, budget)
+            if not self.blocks.can_admit(seq, hits, n):
+                break
+            self.waiting.pop(0)
+            self.blocks.admit(seq, hits, n)
             seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            bisect.insort(self.running, seq, key=_order)
             batch.append((seq, n))
             budget -= n
+            seats += seq.seats
         return batch
 
     def finish(self, seq: Sequence) -> None:
