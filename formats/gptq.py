@@ -15,12 +15,22 @@ Per linear layer, K = in_features, N = out_features, G = number of groups:
   multiples of 32; we accept any K, N with the zero-padded ``ceil`` sizes, which agree
   with AutoGPTQ wherever it works.
 
-v1 zero semantics: a zero of 0 is written as -1, i.e. all ones after masking.  Readers
-disagree on it: AutoGPTQ ``qlinear_cuda`` and the exllama/vLLM kernels add 1 without
-wrapping and read 2**b; GPTQModel (7.6.0 ``TorchLinear``) reads (stored + 1) mod 2**b = 0,
-what the quantizer meant.  :func:`unpack` follows GPTQModel by default
-(``v1_zero="wrap"``, zeros in [0, 2**b)); ``v1_zero="autogptq"`` gives [1, 2**b].
-Checked bit-exactly against GPTQModel-written fixtures (3-bit asym has such zeros).
+v1 zero semantics: v1 stores zero - 1, and a zero of 0 has no unsigned field value.
+Producers disagree on how it is written:
+
+* GPTQModel (the maintained producer) packs the true zeros, then subtracts the
+  per-field ones pattern (0x11111111 for 4-bit, 0x55555555 for 2-bit, 0x01010101 for
+  8-bit) from each int32 word *arithmetically*: a -1 field borrows from the field above
+  it.  Its reader adds the pattern back (``convert_gptq_v1_to_v2_format_module``), which
+  undoes the borrow exactly.  3-bit fields straddle words, so there it shifts each field
+  by one modulo 2**b instead (``_shift_gptq_qzeros``).
+* AutoGPTQ's readers (and the exllama/vLLM kernels) add 1 to each field without carry
+  or wrap, reading a stored 15 as 16.
+
+:func:`unpack` follows GPTQModel by default (``v1_zero="gptqmodel"``, zeros in
+[0, 2**b)); ``v1_zero="autogptq"`` gives per-field + 1 in [1, 2**b].  Checked
+bit-exactly against GPTQModel-written fixtures, whose asymmetric layers have zeros of
+0 next to zeros of 15 (the borrow case).
 """
 from __future__ import annotations
 
@@ -30,6 +40,18 @@ from formats.packing import pack_bits, packed_length, unpack_bits
 from quantrt.errors import FormatError
 
 GPTQ_BITS = (2, 3, 4, 8)
+V1_ZERO_MODES = ("gptqmodel", "autogptq")
+
+
+def _ones_pattern(bits: int) -> int:
+    """A 1 in every ``bits``-wide field of a 32-bit word (bits dividing 32)."""
+    return sum(1 << (bits * i) for i in range(32 // bits))
+
+
+def _add_words(words: torch.Tensor, value: int) -> torch.Tensor:
+    """int32 words + value, wrapping modulo 2**32 (carries/borrows cross fields)."""
+    w = (words.to(torch.int64) + value) & 0xFFFFFFFF
+    return torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
 
 
 def _check_common(bits: int, version: int) -> None:
@@ -56,7 +78,7 @@ def _expect(name: str, t: torch.Tensor, shape: tuple[int, ...], why: str) -> Non
 
 def unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
            g_idx: torch.Tensor | None, bits: int, group_size: int, version: int = 1, *,
-           in_features: int | None = None, v1_zero: str = "wrap"):
+           in_features: int | None = None, v1_zero: str = "gptqmodel"):
     """Unpack one GPTQ layer -> ``(q int32 [K, N], zeros int32 [G, N], scales, g_idx int32 [K])``.
 
     K comes from ``g_idx`` (or ``in_features``, or ``qweight`` rows when exact).  Every
@@ -65,8 +87,8 @@ def unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
     (see module doc).
     """
     _check_common(bits, version)
-    if v1_zero not in ("wrap", "autogptq"):
-        raise FormatError(f"GPTQ: v1_zero must be 'wrap' or 'autogptq', got {v1_zero!r}")
+    if v1_zero not in V1_ZERO_MODES:
+        raise FormatError(f"GPTQ: v1_zero must be one of {V1_ZERO_MODES}, got {v1_zero!r}")
     for name, t in (("qweight", qweight), ("qzeros", qzeros)):
         if t.dtype != torch.int32 or t.ndim != 2:
             raise FormatError(f"GPTQ {name}: expected a 2-D int32 tensor, got {t.dtype} "
@@ -104,17 +126,20 @@ def unpack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                               f"{int(g_idx.max())}] but scales has {g} groups")
         g_idx = g_idx.to(torch.int32)
     q = unpack_bits(qweight, bits, k, axis=0, name="GPTQ qweight")
+    word_level = version == 1 and v1_zero == "gptqmodel" and bits != 3
+    if word_level:
+        qzeros = _add_words(qzeros, _ones_pattern(bits))
     zeros = unpack_bits(qzeros, bits, n, axis=1, name="GPTQ qzeros")
-    if version == 1:
+    if version == 1 and not word_level:
         zeros = zeros + 1
-        if v1_zero == "wrap":
+        if v1_zero == "gptqmodel":
             zeros = zeros & ((1 << bits) - 1)
     return q, zeros, scales, g_idx
 
 
 def dequantize(qweight, qzeros, scales, g_idx, bits: int, group_size: int, version: int = 1, *,
                in_features: int | None = None, dtype: torch.dtype | None = None,
-               v1_zero: str = "wrap") -> torch.Tensor:
+               v1_zero: str = "gptqmodel") -> torch.Tensor:
     """W ``[N, K]`` (nn.Linear orientation) = ``scales[g] * (q - zero[g])`` per input row k.
 
     Computed in float32 and cast to ``dtype`` (default: the scales' dtype).  (q - z) is
@@ -137,8 +162,8 @@ def pack(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     Scales are cast to ``scale_dtype`` (fp16 like AutoGPTQ; None keeps their dtype).
 
     ``q`` int ``[K, N]`` in ``[0, 2**b)``; ``zeros`` int ``[G, N]`` in ``[0, 2**b)``.
-    v1 writes ``(zero - 1) & mask`` as AutoGPTQ and GPTQModel do; 2**b (an
-    ``autogptq``-mode reading of such a field) is accepted and written the same way.
+    v1 writes zero - 1 as GPTQModel does (see the module doc: word-level subtraction,
+    per-field for 3-bit); 2**b (an ``autogptq``-mode reading) is accepted as 0.
     """
     _check_common(bits, version)
     if q.ndim != 2 or zeros.ndim != 2 or scales.ndim != 2:
@@ -161,7 +186,11 @@ def pack(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     if version == 1:
         if z.numel() and (int(z.min()) < 0 or int(z.max()) > (1 << bits)):
             raise FormatError(f"GPTQ pack: v1 zeros must lie in [0, {1 << bits}]")
-        z = (z - 1) & ((1 << bits) - 1)
+        z = z & ((1 << bits) - 1)  # 2**b (autogptq reading of a zero of 0) is 0
+        if bits == 3:
+            z = (z - 1) & 7
     qweight = pack_bits(q, bits, axis=0, name="GPTQ q")
     qzeros = pack_bits(z, bits, axis=1, name="GPTQ zeros")
+    if version == 1 and bits != 3:
+        qzeros = _add_words(qzeros, -_ones_pattern(bits))
     return qweight, qzeros, scales.to(scale_dtype or scales.dtype), g_idx.to(torch.int32)

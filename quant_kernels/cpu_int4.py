@@ -44,7 +44,8 @@ class CpuInt4Weight:
     scales_zeros: tuple[torch.Tensor, ...]  # bf16 [k // GROUP, n_padded, 2]
     n: int
     k: int
-    ggml_type: int
+    ggml_type: int              # -1 for integer formats packed by prepare_affine
+    group: int = GROUP
 
     @property
     def n_padded(self) -> int:
@@ -85,7 +86,7 @@ def supports(ggml_type: int, n: int, k: int) -> tuple[bool, str]:
 
 def _pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n_pad: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q int [n, k] in 0..15, scale/zero float32 [n, k // GROUP] -> (packed, scales_zeros)."""
+    """q int [n, k] in 0..15, scale/zero float32 [n, k // group] -> (packed, scales_zeros)."""
     n = q.shape[0]
     if n_pad > n:
         # padded rows get scale 0 and zero 0, i.e. an all-zero weight row
@@ -135,6 +136,41 @@ def prepare(raw: torch.Tensor, ggml_type: int) -> CpuInt4Weight:
                          n=n, k=k, ggml_type=int(qtype))
 
 
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+def supports_affine(n: int, k: int, group: int) -> tuple[bool, str]:
+    """Whether :func:`prepare_affine` can take a ``[n, k]`` weight with this group size."""
+    if group not in TINYGEMM_GROUPS:
+        return False, f"group size {group} is not one of tinygemm's {TINYGEMM_GROUPS}"
+    if n < 1 or k < 1:
+        return False, f"empty weight [{n}, {k}]"
+    if k % group:
+        return False, f"K={k} is not a multiple of the group size {group}"
+    if not _ops_available():
+        return False, f"torch {torch.__version__} lacks aten::_weight_int4pack_mm_for_cpu"
+    return True, ""
+
+
+def prepare_affine(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   group: int) -> CpuInt4Weight:
+    """Integer formats (GPTQ, AWQ, HQQ, ...): ``W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g]``
+    with ``q`` in 0..15, ``g = k // group``; zeros may be fractional.
+
+    tinygemm computes ``(q - 8) * s + z'``, so ``z' = (8 - zero) * s``.
+    """
+    n, k = q.shape
+    ok, why = supports_affine(n, k, group)
+    if not ok:
+        raise UnsupportedError(why)
+    if int(q.min()) < 0 or int(q.max()) > 15:
+        raise FormatError("tinygemm takes 4-bit values in 0..15")
+    s = scale.float()
+    packed, sz = _pack(q, s, (8.0 - zero.float()) * s, -(-n // _N_ALIGN) * _N_ALIGN)
+    return CpuInt4Weight(packed=(packed,), scales_zeros=(sz,), n=n, k=k, ggml_type=-1,
+                         group=group)
+
+
 def matmul(x: torch.Tensor, w: CpuInt4Weight) -> torch.Tensor:
     """``x @ W.T`` for ``x [..., K]`` of any float dtype -> ``[..., N]`` in ``x.dtype``."""
     if x.shape[-1] != w.k:
@@ -145,11 +181,11 @@ def matmul(x: torch.Tensor, w: CpuInt4Weight) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], w.n)
     mm = torch.ops.aten._weight_int4pack_mm_for_cpu
     if len(w.packed) == 1:
-        y = mm(x2, w.packed[0], GROUP, w.scales_zeros[0])
+        y = mm(x2, w.packed[0], w.group, w.scales_zeros[0])
     else:
         # sum the two halves in fp32 so the bf16 rounding of each is not compounded
-        y = mm(x2, w.packed[0], GROUP, w.scales_zeros[0]).float()
-        y += mm(x2, w.packed[1], GROUP, w.scales_zeros[1]).float()
+        y = mm(x2, w.packed[0], w.group, w.scales_zeros[0]).float()
+        y += mm(x2, w.packed[1], w.group, w.scales_zeros[1]).float()
     if w.n_padded != w.n:
         y = y[:, :w.n]
     y = y.to(x.dtype)

@@ -127,10 +127,10 @@ def test_read_json_on_a_directory(tmp_path):
 # -- method names and --quantization ---------------------------------------------------------
 def test_method_names():
     assert canonical_method("GGUF") == "gguf" and canonical_method("unquantized") == "none"
-    assert canonical_method("awq_marlin") == "awq-marlin"
+    assert canonical_method("awq_marlin") == "awq" and canonical_method("GPTQ_Marlin") == "gptq"
     with pytest.raises(ConfigError, match="unknown quantization method 'foo'") as err:
         canonical_method("foo", "here")
-    assert err.value.where == "here" and "gguf, none" in err.value.hint
+    assert err.value.where == "here" and "gguf" in err.value.hint and "gptq" in err.value.hint
     with pytest.raises(ConfigError, match="non-empty string"):
         canonical_method("  ")
     with pytest.raises(UnsupportedError, match="AQLM"):
@@ -170,14 +170,19 @@ def test_unknown_override_names_the_model():
     assert err.value.where == NONE.where
 
 
-def test_recognised_but_unsupported_checkpoint():
+def test_kernel_names_select_the_same_format():
     gptq = DetectedQuant("gptq", {"bits": 4}, "/m/quantize_config.json")
-    for override in (None, "gptq", "gptq_marlin"):  # same format: no contradiction, no support
-        with pytest.raises(UnsupportedError, match="'gptq' is recognised but not supported") as err:
-            resolve(gptq, override)
-        assert err.value.where == gptq.where
+    for override in (None, "gptq", "gptq_marlin"):  # same format: no contradiction
+        assert resolve(gptq, override).params.bits == 4
     with pytest.raises(ConfigError, match="contradicts"):
         resolve(gptq, "awq")
+
+
+def test_recognised_but_unsupported_checkpoint():
+    aqlm = DetectedQuant("aqlm", {"nbits_per_codebook": 16}, "/m/config.json")
+    with pytest.raises(UnsupportedError, match="'aqlm' is recognised but not supported") as err:
+        resolve(aqlm, None)
+    assert err.value.where == aqlm.where
 
 
 def test_unknown_detected_method_names_its_file():

@@ -92,8 +92,13 @@ def test_matches_autogptq_loop_layout(bits):
     q, zeros, scales, g_idx = _random_layer(k, n, bits, 32, False, False, 1, seed=bits)
     qweight, qzeros, _, _ = gptq.pack(q, zeros, scales, g_idx, bits, 1, group_size=32)
     assert np.array_equal(qweight.numpy(), _autogptq_pack_along_rows(q.numpy(), bits))
-    stored = ((zeros - 1) & ((1 << bits) - 1)).numpy()  # v1: zero - 1, masked
-    assert np.array_equal(qzeros.numpy(), _autogptq_pack_along_rows(stored.T, bits).T)
+    if bits == 3:  # GPTQModel shifts 3-bit fields one by one (they straddle words)
+        stored = ((zeros - 1) & 7).numpy()
+        assert np.array_equal(qzeros.numpy(), _autogptq_pack_along_rows(stored.T, bits).T)
+    else:  # GPTQModel: true zeros packed, then the ones pattern subtracted per int32 word
+        words = _autogptq_pack_along_rows(zeros.numpy().T, bits).T.view(np.uint32)
+        pattern = np.uint32(sum(1 << (bits * i) for i in range(32 // bits)))
+        assert np.array_equal(qzeros.numpy().view(np.uint32), words - pattern)
 
 
 def test_v1_symmetric_4bit_zeros_are_0x77777777():
@@ -104,17 +109,20 @@ def test_v1_symmetric_4bit_zeros_are_0x77777777():
     assert (qzeros2 == -0x77777778).all()  # 0x88888888 as int32
 
 
-def test_v1_zero_of_zero_wraps_or_reads_2_pow_bits():
-    # v1 stores (0 - 1) & 0xF = 15; GPTQModel reads it back as 0, AutoGPTQ/vLLM as 16.
+def test_v1_zero_of_zero_borrows_like_gptqmodel():
+    # GPTQModel writes v1 as (true-zero words) - 0x11111111: a zero of 0 borrows from the
+    # field above it; reading adds the pattern back.  AutoGPTQ readers add 1 per field.
     q = torch.zeros(32, 8, dtype=torch.int32)
-    zeros = torch.zeros(1, 8, dtype=torch.int32)
+    zeros = torch.tensor([[0, 15, 0, 0, 7, 8, 0, 15]], dtype=torch.int32)
     qw, qz, s, gi = gptq.pack(q, zeros, torch.ones(1, 8), None, 4, 1, group_size=-1)
-    assert (qz == -1).all()
-    assert (gptq.unpack(qw, qz, s, gi, 4, -1, 1)[1] == 0).all()
+    true_words = sum(int(z) << (4 * i) for i, z in enumerate(zeros[0]))
+    assert int(qz[0, 0]) & 0xFFFFFFFF == (true_words - 0x11111111) & 0xFFFFFFFF
+    assert torch.equal(gptq.unpack(qw, qz, s, gi, 4, -1, 1)[1], zeros)
     auto = gptq.unpack(qw, qz, s, gi, 4, -1, 1, v1_zero="autogptq")[1]
-    assert (auto == 16).all()
-    # an autogptq-mode zero of 16 packs back to the same words
-    assert torch.equal(gptq.pack(q, auto, s, gi, 4, 1)[1], qz)
+    assert int(auto[0, 0]) == 16  # the stored field is 15 (0 - 1)
+    # a zero of 16 (autogptq's reading of a stored 15) is written as a zero of 0
+    sixteen = torch.where(zeros == 0, 16, zeros)
+    assert torch.equal(gptq.pack(q, sixteen, s, gi, 4, 1)[1], qz)
 
 
 def test_rtn_quantized_weight_dequantizes_close():

@@ -24,12 +24,20 @@ class QuantLinear(nn.Module):
     e.g. q/k/v -> qkv_proj.  ``output_sizes`` lists each shard's rows."""
 
     def __init__(self, input_size: int, output_sizes: list[int], *, bias: bool,
-                 quant_config: QuantConfig, prefix: str, params_dtype: torch.dtype) -> None:
+                 quant_config: QuantConfig, prefix: str, params_dtype: torch.dtype,
+                 shard_names: list[str] | None = None) -> None:
         super().__init__()
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
         self.output_size = sum(output_sizes)
         self.prefix = prefix
+        # The checkpoint's (unfused) module names, which skip lists refer to.
+        head = prefix.rpartition(".")[0]
+        self.shard_prefixes = ([f"{head}.{n}" if head else n for n in shard_names]
+                               if shard_names else [prefix])
+        if len(self.shard_prefixes) != len(self.output_sizes):
+            raise ValueError(f"{prefix}: {len(self.output_sizes)} shards but names "
+                             f"{self.shard_prefixes}")
         self.tracker = ShardTracker()
         self.method = quant_config.get_quant_method(self, prefix)
         self.method.create_weights(self, input_size, self.output_sizes, params_dtype)

@@ -27,7 +27,8 @@ class LlamaAttention(nn.Module):
         self.cfg = cfg
         self.qkv_proj = QuantLinear(cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size],
                                     bias=cfg.attention_bias, quant_config=qc,
-                                    prefix=f"{prefix}.qkv_proj", params_dtype=dtype)
+                                    prefix=f"{prefix}.qkv_proj", params_dtype=dtype,
+                                    shard_names=["q_proj", "k_proj", "v_proj"])
         self.o_proj = QuantLinear(cfg.q_size, [cfg.hidden_size], bias=False, quant_config=qc,
                                   prefix=f"{prefix}.o_proj", params_dtype=dtype)
         if cfg.qk_norm:
@@ -59,7 +60,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = QuantLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=False,
                                         quant_config=qc, prefix=f"{prefix}.gate_up_proj",
-                                        params_dtype=dtype)
+                                        params_dtype=dtype, shard_names=["gate_proj", "up_proj"])
         self.down_proj = QuantLinear(cfg.intermediate_size, [cfg.hidden_size], bias=False,
                                      quant_config=qc, prefix=f"{prefix}.down_proj",
                                      params_dtype=dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from quantrt.errors import ConfigError, UnsupportedError
 
@@ -81,8 +81,8 @@ def canonical_method(name: str, where: str | None = None) -> str:
     if key in catalog.NOT_SUPPORTED:
         return key
     raise ConfigError(f"unknown quantization method {name!r}", where=where,
-                      hint=f"implemented: {', '.join(known_methods())}; awq, gptq, fp8 and "
-                           f"{len(catalog.NOT_SUPPORTED) - 3} more are recognised but not "
+                      hint=f"implemented: {', '.join(known_methods())}; "
+                           f"{len(catalog.NOT_SUPPORTED)} more are recognised but not "
                            f"supported yet")
 
 
@@ -180,3 +180,43 @@ class ShardTracker:
 
     def missing(self) -> list[tuple[str, int]]:
         return sorted(self.expected - self.loaded)
+
+
+def is_quantized(layer: torch.nn.Module, quantized: "Callable[[str], bool]") -> bool:
+    """Apply a per-module rule (skip lists, regex overrides) to a layer that may fuse several
+    checkpoint modules; they must agree, since one fused layer has one format."""
+    names = getattr(layer, "shard_prefixes", None) or [layer.prefix]
+    flags = [bool(quantized(n)) for n in names]
+    if len(set(flags)) > 1:
+        mixed = ", ".join(f"{n} ({'quantized' if f else 'not quantized'})"
+                          for n, f in zip(names, flags))
+        raise UnsupportedError(f"modules fused into {layer.prefix} disagree: {mixed}",
+                               hint="fused q/k/v and gate/up layers must share one format")
+    return flags[0]
+
+
+def config_get(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    """The first of ``keys`` present in ``config`` (real checkpoints spell settings several
+    ways: ``w_bit|bits``, ``q_group_size|group_size``)."""
+    for key in keys:
+        if key in config and config[key] is not None:
+            return config[key]
+    return default
+
+
+def check_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"quantization setting {key!r} must be true or false, got {value!r}")
+    return value
+
+
+def check_int(value: Any, key: str, allowed: tuple[int, ...] | None = None,
+              minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"quantization setting {key!r} must be an integer, got {value!r}")
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"quantization setting {key!r} = {value} is not supported",
+                          hint=f"expected one of {', '.join(map(str, allowed))}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"quantization setting {key!r} = {value} must be at least {minimum}")
+    return value
