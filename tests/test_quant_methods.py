@@ -15,11 +15,31 @@ import json
 import pytest
 import torch
 
+from quantrt.errors import UnsupportedError
+
 from tests.fixture_util import FIXTURES, load_fixture, prompt_logits
 
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())["fixtures"]
-WIRED = ("awq_", "gptq_")
-NAMES = sorted(n for n in MANIFEST if n.startswith(WIRED))
+
+
+def _implemented(name: str) -> bool:
+    """Whether the fixture's method is registered (methods land one by one)."""
+    from quantrt.quant.base import config_class
+    from quantrt.quant.detect import detect_hf, read_json
+
+    d = FIXTURES / name
+    method = detect_hf(str(d), read_json(str(d / "config.json"))).method
+    try:
+        config_class(method)
+    except UnsupportedError:
+        return False
+    return method != "none"  # every fixture is quantized
+
+
+NAMES = sorted(n for n in MANIFEST if _implemented(n))
+# Storage bits per weight of each fixture (for the "stays packed" check).
+BITS = {"bnb_int8": 8, "ct_w8a16_channel": 8, "ct_fp8_block": 8, "ct_fp8_dynamic": 8,
+        "fp8_block128": 8, "fp8_per_tensor": 8, "gptq_v1_8bit_gcol": 8}
 REF_TOL = 5e-3
 FAST_TOL = 0.06
 
@@ -67,9 +87,11 @@ def test_canonical_int_form_equals_format_reference(name):
         for raw, rows in zip(layer.raw_shards, layer.output_sizes):
             ref = layer.method.reference(raw, rows, layer.input_size, layer.prefix)
             canon = layer.method.to_int(raw, rows, layer.input_size, layer.prefix)
+            if canon is None:
+                continue  # not an integer-affine format (fp8, nf4)
             assert torch.equal(canon.dequantize(), ref)
             checked += 1
-    assert checked == 14  # 7 linears x 2 layers
+    assert checked in (0, 14)  # none or 7 linears x 2 layers
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -78,7 +100,7 @@ def test_weights_stay_packed(name):
     from quantrt.quant.base import layer_tensors
 
     lm = _load(name, "auto")
-    bits = MANIFEST[name]["quantization_config"].get("bits", 4)
+    bits = BITS.get(name, 4)
     for layer in lm.model.layers.modules():
         if hasattr(layer, "output_sizes"):
             dense = layer.output_size * layer.input_size * 2
