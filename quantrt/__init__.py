@@ -1,9 +1,11 @@
 """quantrt: a quantization-first LLM loader and runtime.
 
-    import quantrt
-    lm = quantrt.load("demo")                    # or a .gguf, a model dir, a hub id
-    engine = quantrt.LLMEngine(lm)
-    seq = engine.generate([lm.tokenizer.encode("Hello")], quantrt.SamplingParams(max_tokens=8))[0]
+    from quantrt import LLM, SamplingParams
+    llm = LLM("demo")                            # or a .gguf, a model dir, a hub id
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=8))[0]
+    print(out.outputs[0].text)
+
+    # lower level: quantrt.load(...) -> quantrt.LLMEngine(lm); quantrt.AsyncLLMEngine for asyncio
 
 Heavy modules (torch, transformers) are imported on first use, so ``quantrt --help`` and
 error paths stay fast.
@@ -20,6 +22,10 @@ _LAZY = {
     "LLMEngine": ("quantrt.engine.llm_engine", "LLMEngine"),
     "EngineConfig": ("quantrt.engine.llm_engine", "EngineConfig"),
     "SamplingParams": ("quantrt.engine.sequence", "SamplingParams"),
+    "LLM": ("quantrt.llm", "LLM"),
+    "AsyncLLMEngine": ("quantrt.engine.async_engine", "AsyncLLMEngine"),
+    "RequestOutput": ("quantrt.engine.outputs", "RequestOutput"),
+    "CompletionOutput": ("quantrt.engine.outputs", "CompletionOutput"),
     "QuantrtError": ("quantrt.errors", "QuantrtError"),
 }
 
