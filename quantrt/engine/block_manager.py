@@ -47,6 +47,7 @@ class BlockManager:
         self.cache = PrefixCache() if enable_prefix_caching else None
         self.prefix_queries = 0   # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0      # ... of which were found there
+        self.num_evictions = 0    # named blocks handed out for new content
 
     # -- the pool -------------------------------------------------------------------------
     @property
@@ -60,6 +61,7 @@ class BlockManager:
         else:
             block, _ = self._evictable.popitem(last=False)
             self.cache.forget(block)
+            self.num_evictions += 1
         self.refcount[block] = 1
         return block
 
