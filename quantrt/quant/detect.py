@@ -53,7 +53,14 @@ def _method_of(settings: dict[str, Any], where: str, default: str | None = None)
     if not isinstance(method, str) or not method.strip():
         raise ConfigError("quantization settings have no 'quant_method'", where=where,
                           hint="add quant_method or pass --quantization NAME")
-    return normalize_method_name(method)
+    method = normalize_method_name(method)
+    # AutoGPTQ marks GPTQ weights saved in Marlin's pre-tiled layout this way (older
+    # versions with is_marlin_format); the tensors are Marlin's, not GPTQ's.
+    fmt = settings.get("checkpoint_format")
+    if method == "gptq" and ((isinstance(fmt, str) and fmt.lower() == "marlin")
+                             or settings.get("is_marlin_format") is True):
+        return "marlin"
+    return method
 
 
 def detect_hf(model_dir: str, config: dict[str, Any]) -> DetectedQuant:
