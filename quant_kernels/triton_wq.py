@@ -13,8 +13,9 @@ Dispatch on M (rows of x after flattening leading dims):
   kernel, then cuBLAS (its cost is amortized over M rows, and cuBLAS beats the fused
   kernel's per-M-tile dequant at large M).
 
-``wq_matmul`` without ``out`` goes through the custom op ``torch.ops.quantrt.wq_matmul``
-(with a fake impl), so it can be captured by CUDA graphs and traced by torch.compile.
+Under torch.compile, ``wq_matmul`` goes through the custom op ``torch.ops.quantrt.wq_matmul``
+(with a fake impl); eager calls launch directly, with the autotuned config cached per weight
+and M bucket (``WQWeight.plans``).
 Autotuning benchmarks on the first call of each (M bucket, N, K, group, bits, dtype): run
 every bucket once before capturing a CUDA graph.  Tuned configs are kept in Triton's
 on-disk cache (Triton >= 3.2 ``cache_results``).
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .wq_layout import (WQWeight, dequantize_wq, pack_wq, perm_from_g_idx,  # noqa: F401
                         unpack_q, wq_reference)
@@ -113,8 +115,13 @@ def wq_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None = None) -> 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     if out is None:
-        y = torch.ops.quantrt.wq_matmul(x2, w.qweight, w.scales, w.bias, w.perm, w.k,
-                                        w.group_size, w.bits)
+        if torch.compiler.is_compiling() or is_fake(x2):  # tracing: the op has a fake impl
+            y = torch.ops.quantrt.wq_matmul(x2, w.qweight, w.scales, w.bias, w.perm, w.k,
+                                            w.group_size, w.bits)
+        else:
+            # Eager calls (and CUDA-graph captures) skip the custom op: its dispatch costs
+            # more host time than a decode GEMV, and calling through keeps ``w.plans``.
+            y = _matmul_2d(x2, w, None)
         return y.reshape(*lead, w.n)
     if tuple(out.shape) != (*lead, w.n) or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"out must be {x.dtype} [{', '.join(map(str, (*lead, w.n)))}] "

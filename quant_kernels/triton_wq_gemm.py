@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_wq_gemv import (INTERPRET, SPLITK_MAX_N, _post_hook, autotune_kwargs,
+from .triton_wq_gemv import (INTERPRET, SPLITK_MAX_N, _post_hook, autotune_kwargs, launch_tuned,
                              dequant_tile, dequant_tile_fast, fast_dequant_ok,
                              interpret_tiles, k_tile_ok, load_tile, m_bucket, mma, num_sms,
                              splitk_reduce, splitk_workspace)
@@ -198,8 +198,9 @@ def gemm(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
                                              **config.all_kwargs())
         split = config.kwargs["SPLIT_K"]
     else:
-        _gemm_tuned[grid](*args, BITS=w.bits, FAST=fast)
-        split = _gemm_tuned.best_config.kwargs["SPLIT_K"]
+        cfg = launch_tuned(w.plans, ("gemm", m_bucket(m, GEMM_M_CAP), x.dtype), _wq_gemm_kernel,
+                           _gemm_tuned, grid, args, {"BITS": w.bits, "FAST": fast})
+        split = cfg.kwargs["SPLIT_K"]
     if split > 1:
         splitk_reduce(ws, out, split)
     return out

@@ -28,7 +28,7 @@ tiles fit a group, and the PTX recipes that turn packed words into fp16/bf16 wei
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,9 @@ class WQWeight:
     k: int                          # logical K (activations' width)
     group_size: int
     bits: int
+    # Launch configs the autotuner picked for this weight, by (kernel, M bucket, dtype):
+    # later calls launch the kernel directly, skipping the autotuner's per-call work.
+    plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n(self) -> int:
