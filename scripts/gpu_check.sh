@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of the WQ kernels (quant_kernels/triton_wq*.py), for the H100 host:
+# GPU check of the WQ kernels (quant_kernels/triton_wq*.py) and of the integer-format fixtures
+# running on them, for the H100 host (carry .device_wheels: the gguf wheel):
 #   bash scripts/gpu_check.sh [--quick]        (extra arguments go to bench_kernels.py)
 # Runs the GPU tests, then the benchmark (JSON to $OUT/kernels.json), and prints the
 # benchmark's markdown table last.  The repo is not installed there: PYTHONPATH=.
@@ -11,11 +12,16 @@ OUT="${OUT:-/tmp/wq_gpu_check}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+# the GPU host has no network: wheels it lacks travel in .device_wheels (pip download there)
+if ls .device_wheels/*.whl >/dev/null 2>&1; then
+    python -m pip install -q --no-deps .device_wheels/*.whl 2>&1 | grep -v "as the .root. user" | tail -n 2
+fi
 
 test_rc=0
 if [ "${WQ_SKIP_TESTS:-0}" != "1" ]; then
     start=$(date +%s)
-    python -m pytest tests/test_triton_wq.py -m gpu -q -p no:cacheprovider \
+    python -m pytest tests/test_triton_wq.py tests/test_quant_methods_gpu.py -m gpu -q \
+        -p no:cacheprovider \
         > "$OUT/pytest.log" 2>&1
     test_rc=$?
     tail -n 25 "$OUT/pytest.log"
