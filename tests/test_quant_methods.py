@@ -42,6 +42,12 @@ BITS = {"bnb_int8": 8, "ct_w8a16_channel": 8, "ct_fp8_block": 8, "ct_fp8_dynamic
         "fp8_block128": 8, "fp8_per_tensor": 8, "gptq_v1_8bit_gcol": 8}
 REF_TOL = 5e-3
 FAST_TOL = 0.06
+# Fixtures whose library forward is not weight-only, with measured max |logit diff|:
+# bnb_int8: bitsandbytes' LLM.int8 forward also quantizes activations row-wise to int8
+# (columns above llm_int8_threshold 6.0 kept in fp16); quantrt multiplies by the dequantized
+# int8 weights.  Measured 0.0753 with both kernel policies -- the same gap as MANIFEST's
+# reference_vs_dequant_fp32_forward (0.0753), i.e. all of it is the activation quantization.
+TOL = {"bnb_int8": {"reference": 0.08, "auto": 0.08}}
 
 
 def _load(name: str, kernels: str):
@@ -61,7 +67,7 @@ def _max_err(lm, ref) -> float:
 def test_logits_match_reference_library(name, kernels, tol):
     fx = load_fixture(FIXTURES / name)
     lm = _load(name, kernels)
-    assert _max_err(lm, fx.reference) < tol
+    assert _max_err(lm, fx.reference) < TOL.get(name, {}).get(kernels, tol)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from quantrt.errors import ConfigError, FormatError, SourceError
+from quantrt.errors import ConfigError, FormatError, SourceError, UnsupportedError
 from quantrt.quant.base import QuantConfig, canonical_method, config_class, normalize_method_name
 
 # Files some producers write next to config.json instead of a quantization_config key.
@@ -98,6 +98,16 @@ def detect_hf(model_dir: str, config: dict[str, Any]) -> DetectedQuant:
     return DetectedQuant("none", {}, cfg_path)
 
 
+def _online_class(method: str) -> type[QuantConfig] | None:
+    """The registered class of ``method`` if it can quantize an unquantized checkpoint at
+    load (class attribute ``online = True`` and a ``for_online(name)`` classmethod)."""
+    try:
+        cls = config_class(method)
+    except UnsupportedError:
+        return None
+    return cls if getattr(cls, "online", False) else None
+
+
 def resolve(detected: DetectedQuant, override: str | None, where: str | None = None) -> QuantConfig:
     """The QuantConfig to load with, honouring ``override`` only where it agrees.
 
@@ -109,6 +119,10 @@ def resolve(detected: DetectedQuant, override: str | None, where: str | None = N
         # the useful answer even though AWQ is not implemented either.
         want = canonical_method(override, where)
         have = canonical_method(detected.method, where)
+        online = _online_class(want) if have == "none" else None
+        if online is not None:
+            # A method that quantizes float weights while loading (bitsandbytes, fp8).
+            return online.for_online(override)
         if FORMAT_OF_NAME.get(want, want) != FORMAT_OF_NAME.get(have, have):
             raise ConfigError(
                 f"--quantization {override} contradicts the checkpoint, which is "

@@ -1,0 +1,119 @@
+"""Kernels for FP8 (e4m3) weights.
+
+* :class:`Fp8ScaledMMKernel` (W8A8): CUDA GPUs with FP8 tensor cores (compute capability
+  8.9+: L4, H100).  Activations are quantized per token (dynamic; fbgemm bounds the scale by
+  ``activation_scale_ub``) or with the checkpoint's static ``input_scale``, then
+  ``torch._scaled_mm`` multiplies with one scale per weight row (per-tensor shard scales
+  and per-channel scales alike).  Block-scaled weights take the next kernel.
+* :class:`Fp8DequantKernel` (W8A16, any device): the weights stay FP8; each call expands
+  them to the activation dtype (fp32 product, one cast: small scales would lose bits in
+  fp16) and runs one GEMM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from formats import fp8 as fp8_format
+from quantrt.quant.packed import PackedKernel, ReferenceKernel
+
+E4M3_MAX = fp8_format.E4M3_MAX
+
+
+def _row_scales(method, layer) -> torch.Tensor:
+    """float32 [N]: every row's weight scale (per-tensor shard scales repeated per row)."""
+    out = []
+    for raw, rows in zip(layer.raw_shards, layer.output_sizes):
+        s = method.weight_scale(raw).reshape(-1)
+        out.append(s.expand(rows) if s.numel() == 1 else s)
+    return torch.cat(out)
+
+
+class Fp8ScaledMMKernel(PackedKernel):
+    name = "fp8 W8A8 (torch._scaled_mm, per-token activation scales)"
+
+    @classmethod
+    def can_implement(cls, method, layer, device, policy):
+        if policy == "reference":
+            return False, "reference kernels requested"
+        if device.type != "cuda":
+            return False, f"runs on CUDA GPUs only (device is {device.type})"
+        if not hasattr(torch, "_scaled_mm"):
+            return False, "this torch build has no _scaled_mm"
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return False, "needs FP8 tensor cores (compute capability 8.9 or newer)"
+        if layer.params_dtype not in (torch.float16, torch.bfloat16):
+            return False, f"needs float16/bfloat16 activations, not {layer.params_dtype}"
+        if method.p.scheme == "block":
+            return False, "block-wise weight scales (this path takes per-tensor/per-channel)"
+        if layer.input_size % 16 or layer.output_size % 16:
+            return False, f"K={layer.input_size} and N={layer.output_size} must be multiples of 16"
+        return True, ""
+
+    def __init__(self, method, layer, device) -> None:
+        w = torch.cat([raw["weight"] for raw in layer.raw_shards]).to(device)
+        self.w_t = w.t()  # column-major [K, N], the layout _scaled_mm wants on the right
+        self.w_scale = _row_scales(method, layer).reshape(1, -1).to(device)
+        self.in_scale = None
+        if method.p.activation == "static":
+            # Every shard sees the same input: the largest scale clips none of them.
+            self.in_scale = torch.stack([raw["input_scale"].float().reshape(())
+                                         for raw in layer.raw_shards]).max().to(device)
+        self.ub = method.p.activation_ub
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_scale is not None:
+            s = self.in_scale.expand(x.shape[0], 1).contiguous()
+        else:
+            amax = x.abs().amax(dim=-1, keepdim=True).float()
+            if self.ub is not None:
+                amax = amax.clamp(max=self.ub)
+            s = (amax / E4M3_MAX).clamp(min=1e-12)
+        xq = (x.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        # Row-wise scaled FP8 GEMMs produce bfloat16 (what cuBLASLt supports for them).
+        y = torch._scaled_mm(xq, self.w_t, scale_a=s, scale_b=self.w_scale,
+                             out_dtype=torch.bfloat16)
+        return y.to(x.dtype)
+
+    def tensors(self):
+        return [t for t in (self.w_t, self.w_scale, self.in_scale) if t is not None]
+
+
+class Fp8DequantKernel(PackedKernel):
+    name = "fp8 weight-only (expand + F.linear)"
+
+    @classmethod
+    def can_implement(cls, method, layer, device, policy):
+        if policy == "reference":
+            return False, "reference kernels requested"
+        return True, ""
+
+    def __init__(self, method, layer, device) -> None:
+        self.block = method.p.block if method.p.scheme == "block" else None
+        if self.block is None:  # one scale per row: all shards as one matrix
+            self.parts = [(torch.cat([raw["weight"] for raw in layer.raw_shards]).to(device),
+                           _row_scales(method, layer).reshape(-1, 1).to(device))]
+        else:  # each shard has its own block grid
+            self.parts = [(raw["weight"].to(device), method.weight_scale(raw).to(device))
+                          for raw in layer.raw_shards]
+
+    def _weight(self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.block is None:
+            return (q.float() * s).to(dtype)
+        bn, bk = self.block
+        rows, cols = q.shape
+        if rows % bn or cols % bk:  # partial edge blocks
+            return fp8_format.dequantize(q, s, block_size=self.block, dtype=dtype)
+        blocks = q.float().view(rows // bn, bn, cols // bk, bk) * s[:, None, :, None]
+        return blocks.view(rows, cols).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        ws = [self._weight(q, s, x.dtype) for q, s in self.parts]
+        return F.linear(x, ws[0] if len(ws) == 1 else torch.cat(ws))
+
+    def tensors(self):
+        return [t for part in self.parts for t in part]
+
+
+FP8_KERNELS: tuple[type[PackedKernel], ...] = (Fp8ScaledMMKernel, Fp8DequantKernel,
+                                               ReferenceKernel)
