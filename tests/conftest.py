@@ -1,6 +1,12 @@
 import os
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter; the switch is read when a kernel is
+# decorated, so it is set here, before any test module imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -107,3 +107,16 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             outs.append(o.transpose(0, 1))
         start += qlen
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """The models' attention: on CUDA, decode-only steps run the Triton paged decode kernel
+    (device-side lengths: CUDA-graph safe); everything else runs the torch reference."""
+    if q.is_cuda and meta.max_query_len == 1:
+        from quant_kernels.paged_attention import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                      scale, sliding_window)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from quantrt.config import ModelConfig
-from quantrt.models.attention import AttentionMetadata, paged_attention_ref, write_kv
+from quantrt.models.attention import AttentionMetadata, paged_attention, write_kv
 from quantrt.models.layers import (QuantLinear, RMSNorm, RotaryEmbedding, VocabEmbedding,
                                    silu_and_mul)
 from quantrt.quant.base import QuantConfig
@@ -51,7 +51,7 @@ class LlamaAttention(nn.Module):
             qk = self.rotary.apply(qkv[:, :hq + hk], *rope)
             q, k = qk[:, :hq], qk[:, hq:]
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        o = paged_attention_ref(q, kv[0], kv[1], meta, self.scale, cfg.sliding_window)
+        o = paged_attention(q, kv[0], kv[1], meta, self.scale, cfg.sliding_window)
         return self.o_proj(o.reshape(-1, cfg.q_size))
 
 
