@@ -432,6 +432,12 @@ class TorchCheckpoint:
 def open_checkpoint(path: str | os.PathLike) -> "SafetensorsCheckpoint | TorchCheckpoint":
     """Safetensors when the directory has any; otherwise legacy pickles, loaded safely."""
     root = os.fspath(path)
+    if os.path.isdir(root) and os.path.isfile(os.path.join(root, "qmodel.pt")):
+        # HQQ's own save format (formats/hqq_checkpoint.py), read as safely as .bin files.
+        from formats import hqq_checkpoint
+
+        if hqq_checkpoint.is_hqq_dir(root):
+            return hqq_checkpoint.HqqCheckpoint(root)
     if os.path.isdir(root):
         names = os.listdir(root)
         has_st = any(n.endswith(".safetensors") for n in names)

@@ -47,7 +47,17 @@ FAST_TOL = 0.06
 # (columns above llm_int8_threshold 6.0 kept in fp16); quantrt multiplies by the dequantized
 # int8 weights.  Measured 0.0753 with both kernel policies -- the same gap as MANIFEST's
 # reference_vs_dequant_fp32_forward (0.0753), i.e. all of it is the activation quantization.
-TOL = {"bnb_int8": {"reference": 0.08, "auto": 0.08}}
+# hqq_3bit_g64: HQQ subtracts its float zero point in fp16 before scaling; quantrt keeps the
+# subtraction exact (fp32), so ~0.1% of the weights differ by up to 1.4e-4 (one fp16 ulp).
+# Measured 4.96e-3 with reference kernels (MANIFEST's fp32 forward over HQQ's own fp16
+# dequant: 4.0e-3), too close to 5e-3 to be a stable bound.
+TOL = {"bnb_int8": {"reference": 0.08, "auto": 0.08},
+       "hqq_3bit_g64": {"reference": 6e-3}}
+# Max |weight difference| allowed where the library's own dequant rounds differently (the
+# rest are bit-exact after rounding to fp16).  HQQ: the fp16 zero-point subtraction above;
+# measured on model.layers.1.mlp.down_proj: 67 of 43008 values differ at fp16, by at most
+# 1.36e-4 (hqq_3bit_g64), and 123 by at most 1.34e-4 (hqq_4bit_g64_axis1).
+DEQUANT_TOL = {"hqq_3bit_g64": 2e-4, "hqq_4bit_g64_axis1": 2e-4}
 
 
 def _load(name: str, kernels: str):
@@ -80,7 +90,10 @@ def test_reference_dequant_is_bit_exact(name):
         layer = lm.model.resolve(module + ".weight")[0]
         got = layer.method.reference(layer.raw_shards[0], layer.output_sizes[0],
                                      layer.input_size, module)
-        assert torch.equal(got.half(), want.half())
+        if name in DEQUANT_TOL:
+            assert (got - want).abs().max().item() <= DEQUANT_TOL[name]
+        else:
+            assert torch.equal(got.half(), want.half())
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -94,6 +94,15 @@ def detect_hf(model_dir: str, config: dict[str, Any]) -> DetectedQuant:
                 elif "bits" in settings:
                     settings = {**settings, "quant_method": "gptq"}
             return DetectedQuant(_method_of(settings, path), settings, path)
+    if os.path.isfile(os.path.join(model_dir, "qmodel.pt")):
+        # HQQ's own format writes no settings anywhere but in each layer of qmodel.pt.
+        from formats import hqq_checkpoint
+
+        if hqq_checkpoint.is_hqq_dir(model_dir):
+            settings = hqq_checkpoint.detect_settings(model_dir)
+            if settings is not None:
+                return DetectedQuant("hqq", settings,
+                                     os.path.join(model_dir, hqq_checkpoint.QMODEL))
     # config.json is what says "unquantized", so errors about that name it.
     return DetectedQuant("none", {}, cfg_path)
 
