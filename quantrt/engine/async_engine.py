@@ -99,7 +99,7 @@ class AsyncLLMEngine:
                 finished = item.finished
                 yield item
         finally:
-            if not finished and not self._closing:
+            if not finished and request_id in self._requests:
                 self._submit("abort", request_id)
 
     async def abort(self, request_id: str) -> None:
@@ -131,10 +131,16 @@ class AsyncLLMEngine:
 
     def _submit(self, op: str, request_id: str) -> None:
         self._ops.append((op, request_id))
+        if self._error is not None or self._closing:
+            return                        # nothing steps any more; shutdown answers the rest
         if self._task is None or self._task.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:          # a stream finalised after its event loop ended
+                return
             # (Re)started on the running loop: an earlier loop may have ended (asyncio.run).
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+            self._task = loop.create_task(self._loop())
         self._wake.set()
 
     async def _loop(self) -> None:
