@@ -332,3 +332,18 @@ def test_inspect_json_reports_the_settings(name, settings, kernel):
     down = report["layers"]["mlp.down_proj"]
     assert down["kernel"].startswith(kernel) and down["weight_format"].startswith("bnb")
     assert report["layers"]["lm_head"]["weight_format"] == "float32"  # unquantized, CPU dtype
+
+
+# -- GPU --------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("name, kernel, tol", [
+    ("bnb_nf4_dq", "lut4", 0.06), ("bnb_fp4", "lut4", 0.06),
+    ("bnb_int8", "triton-wq", 0.1)])  # int8: the LLM.int8 gap (test_quant_methods' map)
+def test_gpu_kernels_match_the_library(name, kernel, tol):
+    from quantrt.loader import load
+
+    lm = load(FIXTURES / name, kernels="auto", device="cuda", dtype="float16", progress=False)
+    assert lm.model.layers[0].mlp.down_proj.kernel_choice.name.startswith(kernel)
+    ref = load_fixture(FIXTURES / name).reference
+    for b, row in enumerate(ref["input_ids"]):
+        assert (prompt_logits(lm, row.tolist()) - ref["logits"][b]).abs().max() < tol
