@@ -147,5 +147,48 @@ def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: fl
                    f"finish: {seq.finish_reason.value}]", err=True)
 
 
+from quantrt.estimate.memory import KV_CACHE_DTYPES  # noqa: E402  (light: no torch)
+
+
+@main.command("estimate")
+@click.argument("source")
+@click.option("--quantization", "-q", "methods", multiple=True,
+              help="Method(s) to compare: presets (bf16 fp8 int8 awq gptq-4bit gptq-3bit nf4 "
+                   "q4_k_m ...), NAME:key=value,..., 'checkpoint' or 'all'; repeat the option "
+                   "or separate with commas.  Default: the checkpoint's own method if it is "
+                   "quantized, else common presets.")
+@click.option("--gpu", default=None, help="GPU name: A10G, L4, T4, A100-40GB, A100-80GB, "
+                                          "H100-80GB, H200, RTX-4090 ...")
+@click.option("--gpu-memory", type=float, default=None,
+              help="Memory per GPU in GiB (instead of --gpu).")
+@click.option("--num-gpus", type=int, default=1, show_default=True, help="Tensor-parallel GPUs.")
+@click.option("--max-model-len", type=int, default=None,
+              help="Context length per sequence (default: the model's).")
+@click.option("--max-num-seqs", type=int, default=256, show_default=True)
+@click.option("--max-num-batched-tokens", type=int, default=2048, show_default=True)
+@click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default="auto",
+              show_default=True)
+@click.option("--gpu-memory-utilization", type=float, default=0.90, show_default=True)
+@click.option("--enforce-eager", is_flag=True,
+              help="No CUDA graphs (their memory is not reserved).")
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
+def estimate_command(source: str, methods: tuple[str, ...], gpu, gpu_memory, num_gpus: int,
+                     max_model_len, max_num_seqs: int, max_num_batched_tokens: int,
+                     kv_cache_dtype: str, gpu_memory_utilization: float, enforce_eager: bool,
+                     as_json: bool) -> None:
+    """Which quantization of SOURCE fits on the GPUs, and how much KV cache is left.
+
+    SOURCE is a model directory, a config.json, a .gguf file (header only) or a hub id
+    (config.json only): no weights are read or downloaded.
+    """
+    from quantrt.estimate import estimate
+
+    est = estimate(source, list(methods) or None, gpu=gpu, gpu_memory_gib=gpu_memory,
+                   num_gpus=num_gpus, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                   max_num_batched_tokens=max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
+                   gpu_memory_utilization=gpu_memory_utilization, cuda_graphs=not enforce_eager)
+    click.echo(json.dumps(est.to_dict(), indent=2) if as_json else est.table())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
