@@ -66,8 +66,7 @@ def read_qmodel(path: str) -> dict[str, dict[str, Any]]:
                 raise UnsupportedError(f"HQQ layer {module} stores its scale/zero quantized "
                                        f"({key}); hqq deprecated that and quantrt does not "
                                        f"support it", where=path)
-            if not isinstance(key, str) or not (
-                    isinstance(value, torch.Tensor) or isinstance(value, _META_TYPES)):
+            if not isinstance(key, str) or not isinstance(value, (torch.Tensor, *_META_TYPES)):
                 raise FormatError(f"{QMODEL} entry {module}.{key} is a {type(value).__name__}; "
                                   f"expected a tensor or HQQ metadata (int, str, bool, "
                                   f"torch.Size, torch.dtype)", where=path,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantrt.errors import ConfigError, FormatError, UnsupportedError
+from quantrt.errors import ConfigError, UnsupportedError
 from quantrt.quant.hqq import HQQConfig, HQQParams
 from tests.fixture_util import FIXTURES, load_fixture, prompt_logits
 

@@ -51,8 +51,16 @@ FAST_TOL = 0.06
 # subtraction exact (fp32), so ~0.1% of the weights differ by up to 1.4e-4 (one fp16 ulp).
 # Measured 4.96e-3 with reference kernels (MANIFEST's fp32 forward over HQQ's own fp16
 # dequant: 4.0e-3), too close to 5e-3 to be a stable bound.
+# ct_fp8_dynamic / ct_fp8_block: the library's forward also quantizes activations to FP8 (per
+# token / per group of 128), which quantrt emulates bit-exactly (checked against
+# compressed-tensors in test_quant_compressed_tensors.py); its fp16 forward still lands on
+# the other side of some e4m3 roundings than our fp32 one.  Measured 0.184 / 0.165 with
+# both kernel policies (weight-only, without the emulation: 0.206 / 0.180; quantrt in fp16:
+# 0.162 / 0.173), so the 0.2 for activation-quantized FP8.
 TOL = {"bnb_int8": {"reference": 0.08, "auto": 0.08},
-       "hqq_3bit_g64": {"reference": 6e-3}}
+       "hqq_3bit_g64": {"reference": 6e-3},
+       "ct_fp8_dynamic": {"reference": 0.2, "auto": 0.2},
+       "ct_fp8_block": {"reference": 0.2, "auto": 0.2}}
 # Max |weight difference| allowed where the library's own dequant rounds differently (the
 # rest are bit-exact after rounding to fp16).  HQQ: the fp16 zero-point subtraction above;
 # measured on model.layers.1.mlp.down_proj: 67 of 43008 values differ at fp16, by at most

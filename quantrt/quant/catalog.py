@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from quantrt.quant import awq as _awq  # noqa: F401
 from quantrt.quant import bnb as _bnb  # noqa: F401
+from quantrt.quant import compressed_tensors as _compressed_tensors  # noqa: F401
 from quantrt.quant import fp8 as _fp8  # noqa: F401
 from quantrt.quant import gguf as _gguf  # noqa: F401
 from quantrt.quant import gptq as _gptq  # noqa: F401
@@ -19,7 +20,6 @@ from quantrt.quant import unquantized as _unquantized  # noqa: F401
 _LATER = "support is planned; meanwhile convert the checkpoint to a supported format"
 
 NOT_SUPPORTED: dict[str, str] = {
-    "compressed-tensors": _LATER,
     "aqlm": "AQLM additive codebooks are not implemented",
     "qqq": "QQQ (W4A8 with per-group int8) is not implemented",
     "gptq-marlin-24": "2:4 sparse Marlin needs sparse tensor cores; not implemented",

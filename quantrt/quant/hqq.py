@@ -144,7 +144,7 @@ class HQQLinearMethod(PackedLinearMethod):
     def to_int(self, t, rows, cols, where):
         if self.p.axis != 1:
             return None  # groups run along N: not integer-affine along K
-        r, c = self._view(rows, cols)
+        r, _ = self._view(rows, cols)
         codes = hqq_format.unpack(t["W_q"], self.p.packing, rows=r)
         g = self.p.group_size or cols
         fine = math.gcd(cols, g)  # every row's group boundaries fall on multiples of this
