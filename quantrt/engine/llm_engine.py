@@ -31,6 +31,7 @@ class EngineConfig:
     max_model_len: int | None = None
     kv_cache_memory: int | None = None      # bytes; None: 1 GiB on CPU, 40% of free on GPU
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True                # decode steps replay captured graphs on CUDA
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
@@ -40,8 +41,9 @@ class EngineConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ConfigError("enable_prefix_caching must be True or False")
+        for name in ("enable_prefix_caching", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False")
 
     @classmethod
     def from_options(cls, **options: Any) -> "EngineConfig":
@@ -85,7 +87,10 @@ class LLMEngine:
         # serves sequences of C + 1, and a sequence running alone always fits.
         self.max_model_len = min(self.model_len_limit, num_blocks * config.block_size + 1)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(lm, num_blocks, config.block_size)
+        self.runner = ModelRunner(lm, num_blocks, config.block_size,
+                                  max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len,
+                                  cuda_graphs=config.cuda_graphs)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.streams: dict[int, Any] = {}
         self.requests: dict[str, list[Sequence]] = {}    # unfinished requests by id

@@ -18,17 +18,30 @@ def kv_bytes_per_token(lm: LoadedModel, kv_dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int) -> None:
+    def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, *,
+                 max_num_seqs: int = 64, max_model_len: int | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.lm = lm
         self.model = lm.model
         self.device = lm.device
         self.block_size = block_size
         cfg = lm.config
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        use_graphs = cuda_graphs and self.device.type == "cuda"
+        # One extra block that the block manager never hands out: padded rows of a graph
+        # batch write their K/V there.
+        shape = (num_blocks + int(use_graphs), block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=lm.dtype, device=self.device),
                            torch.zeros(shape, dtype=lm.dtype, device=self.device))
                           for _ in range(cfg.num_layers)]
         self.sampler = Sampler()
+        self.graphs = None
+        if use_graphs:
+            from quantrt.engine.cuda_graphs import DecodeGraphs
+
+            max_len = max_model_len or cfg.max_position_embeddings
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs,
+                                       -(-max_len // block_size), num_blocks * block_size,
+                                       self.device)
 
     def _prepare(self, batch: list[tuple[Sequence, int]], blocks: BlockManager):
         ids, pos, slots, ctx, qlens = [], [], [], [], []
@@ -61,7 +74,12 @@ class ModelRunner:
         last token was computed, plus the completions forked from a prompt just prefilled
         (they sample their first token from the same logits row)."""
         ids, pos, meta, starts = self._prepare(batch, blocks)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        all_logits = hidden = None
+        if self.graphs is not None and self.graphs.fits(len(batch), meta.block_tables.shape[1]) \
+                and all(n == 1 and seq.num_cached + 1 == len(seq) for seq, n in batch):
+            all_logits = self.graphs.run(ids, pos, meta)  # decode-only: one row per sequence
+        else:
+            hidden = self.model(ids, pos, self.kv_caches, meta)
         rows, expand, sample_seqs = [], [], []
         for i, (seq, n) in enumerate(batch):
             seq.num_cached += n
@@ -72,7 +90,8 @@ class ModelRunner:
                 rows.append(starts[i + 1] - 1)
         if not sample_seqs:
             return []
-        logits = self.model.compute_logits(hidden[rows])
+        logits = (all_logits[rows] if all_logits is not None
+                  else self.model.compute_logits(hidden[rows]))
         if len(expand) > len(rows):
             logits = logits[expand]
         tokens, logprobs = self.sampler(logits, sample_seqs)

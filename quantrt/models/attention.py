@@ -109,14 +109,57 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+def _split(meta: AttentionMetadata) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor,
+                                              AttentionMetadata]:
+    """A mixed step's decode rows and prefill rows, each with its own metadata (built once
+    per step, shared by every layer)."""
+    cached = getattr(meta, "_split", None)
+    if cached is not None:
+        return cached
+    dev = meta.block_tables.device
+    starts = [0]
+    for n in meta.query_lens_host:
+        starts.append(starts[-1] + n)
+    dec = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
+    pre = [i for i, n in enumerate(meta.query_lens_host) if n != 1]
+
+    def sub(seqs: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
+        rows = [r for i in seqs for r in range(starts[i], starts[i + 1])]
+        idx = torch.tensor(seqs, device=dev)
+        qlens = [meta.query_lens_host[i] for i in seqs]
+        qstart = [0]
+        for n in qlens:
+            qstart.append(qstart[-1] + n)
+        return torch.tensor(rows, device=dev), AttentionMetadata(
+            slot_mapping=meta.slot_mapping, block_tables=meta.block_tables[idx],
+            context_lens=meta.context_lens[idx],
+            query_start_loc=torch.tensor(qstart, dtype=torch.int32, device=dev),
+            context_lens_host=[meta.context_lens_host[i] for i in seqs], query_lens_host=qlens)
+
+    meta._split = (*sub(dec), *sub(pre))
+    return meta._split
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None) -> torch.Tensor:
-    """The models' attention: on CUDA, decode-only steps run the Triton paged decode kernel
-    (device-side lengths: CUDA-graph safe); everything else runs the torch reference."""
-    if q.is_cuda and meta.max_query_len == 1:
-        from quant_kernels.paged_attention import paged_decode_attention
+    """The models' attention.  On CUDA, decode rows run the Triton paged decode kernel
+    (device-side lengths: CUDA-graph safe); in a step that mixes decodes with prefill
+    chunks, only the prefill rows take the torch reference (its per-sequence loop would
+    otherwise run for every decoding sequence too).  Elsewhere: the torch reference."""
+    if not q.is_cuda:
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+    from quant_kernels.paged_attention import paged_decode_attention
 
+    if meta.max_query_len == 1:
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                       scale, sliding_window)
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+    if 1 not in meta.query_lens_host:
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+    dec_rows, dec_meta, pre_rows, pre_meta = _split(meta)
+    out = torch.empty_like(q)
+    out[dec_rows] = paged_decode_attention(q[dec_rows], k_cache, v_cache, dec_meta.block_tables,
+                                           dec_meta.context_lens, scale, sliding_window)
+    out[pre_rows] = paged_attention_ref(q[pre_rows], k_cache, v_cache, pre_meta, scale,
+                                        sliding_window)
+    return out
