@@ -78,7 +78,7 @@ def test_prefill_skips_cached_prefix():
     fake_step(sched)
     second = Sequence(list(prompt), P, "b", arrival=1)
     sched.add(second)
-    batch = dict((s.seq_id, n) for s, n in fake_step(sched))
+    batch = {s.seq_id: n for s, n in fake_step(sched)}
     # 11 tokens: two full blocks (8 tokens) come from the cache, 3 are computed.
     assert batch[second.seq_id] == 3 and second.num_prefix_hits == 8
     assert second.block_table[:2] == first.block_table[:2]

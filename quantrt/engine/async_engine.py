@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, Self
 
 from quantrt.engine.inputs import one_prompt
 from quantrt.engine.llm_engine import EngineConfig, LLMEngine, StepOutput
-from quantrt.engine.outputs import (CompletionOutput, DeliveryState, RequestOutput,
-                                    request_output)
+from quantrt.engine.outputs import (
+    CompletionOutput,
+    DeliveryState,
+    RequestOutput,
+    request_output,
+)
 from quantrt.engine.sequence import FinishReason, SamplingParams, Sequence
 from quantrt.errors import ConfigError, QuantrtError
 
@@ -56,7 +61,7 @@ class AsyncLLMEngine:
     @classmethod
     def from_source(cls, source: Any, quantization: str | None = None, *, device: Any = None,
                     dtype: Any = None, kernels: str = "auto", **engine_options: Any
-                    ) -> "AsyncLLMEngine":
+                    ) -> AsyncLLMEngine:
         from quantrt.loader import load
 
         config = EngineConfig.from_options(**engine_options)
@@ -64,10 +69,10 @@ class AsyncLLMEngine:
                   progress=False)
         return cls(LLMEngine(lm, config))
 
-    async def __aenter__(self) -> "AsyncLLMEngine":
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
     # -- the public API -------------------------------------------------------------------

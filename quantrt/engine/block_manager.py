@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import Self
 
 from quantrt.engine.prefix_cache import PrefixCache, block_hash
 from quantrt.engine.sequence import Sequence
@@ -29,7 +30,7 @@ class KVUsage:
     def waste(self) -> float:
         return 1 - self.filled / self.allocated if self.allocated else 0.0
 
-    def __iadd__(self, other: "KVUsage") -> "KVUsage":
+    def __iadd__(self, other: KVUsage) -> Self:
         self.allocated += other.allocated
         self.filled += other.filled
         return self

@@ -1,12 +1,12 @@
 """What callers may pass as prompts and sampling parameters, normalised for the engine."""
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 from quantrt.engine.sequence import SamplingParams
 from quantrt.errors import ConfigError
 
-Prompt = Union[str, list[int]]
+Prompt = str | list[int]
 
 
 def _is_token_list(value: Any) -> bool:

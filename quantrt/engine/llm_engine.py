@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be True or False")
 
     @classmethod
-    def from_options(cls, **options: Any) -> "EngineConfig":
+    def from_options(cls, **options: Any) -> EngineConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -189,9 +190,7 @@ class LLMEngine:
         piece = "" if stop_tok else self.streams[seq.seq_id].add(tok)
         before = len(seq.output_text)
         seq.output_text += piece
-        if stop_tok:
-            seq.finish_reason = FinishReason.STOP
-        elif p.stop and self._hit_stop(seq, before):
+        if stop_tok or p.stop and self._hit_stop(seq, before):
             seq.finish_reason = FinishReason.STOP
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
             seq.output_text += self.streams[seq.seq_id].flush()

@@ -37,7 +37,7 @@ def filter_logits(logits: torch.Tensor, top_k: list[int], top_p: list[float],
                   min_p: list[float]) -> torch.Tensor:
     """Mask (to -inf) what top-k, min-p and top-p exclude, each row with its own settings.
     A disabled setting leaves its row exactly unchanged."""
-    rows, vocab = logits.shape
+    vocab = logits.shape[-1]
     dev = logits.device
     if any(0 < k < vocab for k in top_k):
         k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=dev)

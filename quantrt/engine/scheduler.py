@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 
 from quantrt.engine.block_manager import BlockManager
-from quantrt.engine.sequence import Sequence, SeqStatus
+from quantrt.engine.sequence import SeqStatus, Sequence
 
 
 def _order(seq: Sequence) -> tuple[int, int]:
