@@ -53,7 +53,8 @@ class LLM:
         plist = params_for(params, len(items))
         for (_, ids), sp in zip(items, plist):     # refuse before queueing any
             self.engine.check_request(ids, sp)
-        firsts = [self.engine.add_request(ids, sp) for (_, ids), sp in zip(items, plist)]
+        firsts = [self.engine.add_request(ids, sp, stream_text=False)
+                  for (_, ids), sp in zip(items, plist)]
         try:
             self._run(firsts, use_tqdm)
         finally:

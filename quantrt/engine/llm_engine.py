@@ -126,14 +126,19 @@ class LLMEngine:
             raise ConfigError(f"request id {request_id!r} is already running")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> Sequence:
-        """Queue a request; returns its first completion (``.group`` holds all ``n``)."""
+                    request_id: str | None = None, stream_text: bool = True) -> Sequence:
+        """Queue a request; returns its first completion (``.group`` holds all ``n``).
+
+        ``stream_text=False`` (offline use): without stop strings the text is decoded once
+        when the sequence finishes instead of token by token (a tokenizer call per token
+        per sequence is a large part of a big batch's step time)."""
         self.check_request(prompt_ids, params, request_id)
         while request_id is None or request_id in self.requests:
             request_id = str(next(self._ids))
         group = make_group(prompt_ids, params, request_id, next(self._arrivals))
+        lazy = not stream_text and not params.stop
         for seq in group:
-            self.streams[seq.seq_id] = self.tokenizer.stream()
+            self.streams[seq.seq_id] = None if lazy else self.tokenizer.stream()
         self.requests[request_id] = group
         self.scheduler.add(group[0])   # the others are forked from it after its prefill
         return group[0]
@@ -148,6 +153,8 @@ class LLMEngine:
         for seq in group:
             if not seq.finished:
                 seq.finish_reason = FinishReason.ABORT
+                if seq.seq_id in self.streams and self.streams[seq.seq_id] is None:
+                    seq.output_text = self.tokenizer.decode(seq.output_ids)
                 self._finish(seq)
         return True
 
@@ -187,14 +194,19 @@ class LLMEngine:
             seq.logprobs.append(lp)
             seq.cumulative_logprob += lp.logprob
         stop_tok = (not p.ignore_eos and tok in self.tokenizer.eos_token_ids) or tok in p.stop_token_ids
-        piece = "" if stop_tok else self.streams[seq.seq_id].add(tok)
+        stream = self.streams.get(seq.seq_id)
+        piece = "" if stop_tok or stream is None else stream.add(tok)
         before = len(seq.output_text)
         seq.output_text += piece
         if stop_tok or p.stop and self._hit_stop(seq, before):
             seq.finish_reason = FinishReason.STOP
         elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
-            seq.output_text += self.streams[seq.seq_id].flush()
+            if stream is not None:
+                seq.output_text += stream.flush()
             seq.finish_reason = FinishReason.LENGTH
+        if stream is None and seq.finish_reason is not None:
+            seq.output_text = self.tokenizer.decode(seq.output_ids[:-1] if stop_tok
+                                                    else seq.output_ids)
         emitted = seq.emitted
         if seq.finish_reason is not None:
             self._finish(seq)
