@@ -193,4 +193,6 @@ def pack(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     qzeros = pack_bits(z, bits, axis=1, name="GPTQ zeros")
     if version == 1 and bits != 3:
         qzeros = _add_words(qzeros, -_ones_pattern(bits))
-    return qweight, qzeros, scales.to(scale_dtype or scales.dtype), g_idx.to(torch.int32)
+    # contiguous: these are written to files as they are (safetensors refuses strided views)
+    return (qweight.contiguous(), qzeros.contiguous(),
+            scales.to(scale_dtype or scales.dtype).contiguous(), g_idx.to(torch.int32).contiguous())
