@@ -61,15 +61,6 @@ def checkpoint_tensor_bytes(d: Path) -> dict[str, int]:
     return out
 
 
-def fixture_method(d: Path) -> list[str]:
-    """HQQ writes no quantization_config: its settings come from the manifest."""
-    info = json.loads((FIXTURES / "MANIFEST.json").read_text())["fixtures"][d.name]
-    if d.name.startswith("hqq"):
-        s = info["settings"]["BaseQuantizeConfig"]
-        return [f"hqq:nbits={s['nbits']},group_size={s['group_size']},axis={s['axis']}"]
-    return ["checkpoint"]
-
-
 # Metadata tensors the loaders parse and drop (compressed-tensors' weight_shape,
 # bitsandbytes' quant_state JSON and weight_format).
 DROPPED = (".weight_shape", ".weight_format")
@@ -83,8 +74,11 @@ def wq_packed_bytes(layout, arch) -> int:
     for w in weights(arch):
         if not (w.is_linear and layout.quantizes(w)):
             continue
-        bits, group, act_order = layout.wq_settings(w)
+        bits, group, act_order = layout.wq_settings(w, w.shape[1])
         (n, k), g = w.shape, (group if 0 < group < w.shape[1] else w.shape[1])
+        if g not in (32, 64, 128, 256, k):     # the reference path keeps it as stored
+            total += sum(t.loaded_bytes for t in layout.quantized(w, n, k, k, Context(arch)))
+            continue
         gn = -(-k // g)
         wq = pack_wq(torch.zeros(n, k, dtype=torch.int32), torch.ones(n, gn), torch.zeros(n, gn),
                      g, 4 if bits <= 4 else 8, torch.arange(k) if act_order else None)
@@ -96,7 +90,7 @@ def wq_packed_bytes(layout, arch) -> int:
 @pytest.mark.parametrize("d", fixture_dirs(""), ids=lambda d: d.name)
 def test_fixture_weight_bytes_equal_checkpoint_tensors(d):
     actual = checkpoint_tensor_bytes(d)
-    est = estimate(d, fixture_method(d), compute_dtype="float16")
+    est = estimate(d, ["checkpoint"], compute_dtype="float16")
     row, layout = est.rows[0], parse_or_checkpoint(d)
     # bitsandbytes double quant writes its offset's float repr into the quant_state blob:
     # 18-20 characters where the estimate assumes 19, so +-1 byte per quantized layer.
@@ -106,7 +100,8 @@ def test_fixture_weight_bytes_equal_checkpoint_tensors(d):
     # metadata the loaders drop (the fixtures' unquantized tensors are fp16 = compute dtype).
     quantized = {w.name for w in weights(est.arch) if w.is_linear and layout.quantizes(w)}
     plain = sum(v for k, v in actual.items() if k.rsplit(".", 1)[0] not in quantized)
-    if isinstance(layout, RepackedToWQ) and layout.wq_settings(_weight(est.arch, min(quantized))):
+    first = _weight(est.arch, min(quantized))
+    if isinstance(layout, RepackedToWQ) and layout.wq_settings(first, first.shape[1]):
         expected = plain + wq_packed_bytes(layout, est.arch)
     else:
         expected = sum(v for k, v in actual.items()
@@ -115,9 +110,6 @@ def test_fixture_weight_bytes_equal_checkpoint_tensors(d):
 
 
 def parse_or_checkpoint(d: Path):
-    spec = fixture_method(d)[0]
-    if spec != "checkpoint":
-        return parse_method(spec).layout
     from quantrt.estimate.source import read_source
 
     return read_source(d).layout
@@ -439,7 +431,8 @@ def test_compare_relative_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["awq_gemm_g64", "gptq_v1_4bit_g32_sym", "gptq_v1_3bit_g64",
-                                  "gptq_v1_4bit_g128_asym_descact", "marlin_g128"])
+                                  "gptq_v1_4bit_g128_asym_descact", "marlin_g128",
+                                  "hqq_4bit_g64_axis1", "ct_w4a16_group"])
 def test_gpu_loaded_bytes_are_the_estimate(name):
     """On a GPU quantrt repacks integer formats (WQ layout): the estimate's loaded bytes
     are what the loaded model holds.  (Activations are not compared here: the first CUDA

@@ -4,6 +4,7 @@ names, as transformers matches them."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,11 +107,13 @@ class HQQ(RepackedToWQ):
     def label(self) -> str:
         return f"HQQ {self.nbits}-bit g{self.group_size} axis {self.axis}"
 
-    def wq_settings(self, w):
-        # Groups along K (axis 1) are affine per row: WQ.  Axis 0 groups run across rows.
+    def wq_settings(self, w, k):
+        # Groups along K (axis 1) are affine per row; a group size not dividing K runs on
+        # into the next row, so quantrt splits groups to gcd(K, g) columns (quant/hqq.py).
+        # Axis 0 groups run across rows: not WQ.
         if self.axis != 1:
             return None
-        return self.nbits, self.group_size or 0, False
+        return self.nbits, math.gcd(k, self.group_size) if self.group_size else 0, False
 
     def quantizes(self, w: Weight) -> bool:
         return w.role != "router" and not any(

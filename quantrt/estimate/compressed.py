@@ -90,12 +90,12 @@ class CompressedTensors(RepackedToWQ):
     def kernel_workspace(self) -> int:  # type: ignore[override]
         return TRITON_AUTOTUNE_BYTES if any(s.type == "int" for s in self.schemes) else 0
 
-    def wq_settings(self, w):
+    def wq_settings(self, w, k):
         s = self.scheme(w)
         if s is None or s.type != "int" or s.strategy == "block":
             return None   # FP8 stays as stored
         group = s.group_size if s.strategy == "group" else 0   # channel/tensor: one group
-        return s.num_bits, group, s.actorder == "group"
+        return s.num_bits, group, s.actorder == "group" and 0 < group < k
 
     def scheme(self, w: Weight) -> CTScheme | None:
         if any(_matches(w, pattern) for pattern in self.ignore):

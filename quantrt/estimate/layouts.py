@@ -153,13 +153,17 @@ class RepackedToWQ(Layout):
 
     kernel_workspace: ClassVar[int] = TRITON_AUTOTUNE_BYTES
 
-    def wq_settings(self, w: Weight) -> tuple[int, int, bool] | None:
-        """(bits, group size, act-order) of quantized ``w``; None: not held as WQ."""
+    def wq_settings(self, w: Weight, k: int) -> tuple[int, int, bool] | None:
+        """(bits, group size (<= 0: per channel), act-order) of quantized ``w`` with ``k``
+        input columns; None: not affine along K, kept as stored."""
         raise NotImplementedError
 
     def loaded_bytes(self, w, shape, full_k, ctx):
-        settings = self.wq_settings(w) if w.is_linear and self.quantizes(w) else None
-        if settings is None:
+        settings = self.wq_settings(w, shape[1]) if w.is_linear and self.quantizes(w) else None
+        # The WQ kernels tile groups of WQ_GROUP_SIZES or whole rows; other layers take
+        # the reference path, which keeps the weight as stored.
+        if settings is None or not (settings[1] <= 0 or settings[1] >= shape[1]
+                                    or settings[1] in WQ_GROUP_SIZES):
             return super().loaded_bytes(w, shape, full_k, ctx)
         bias = self.plain("bias", (shape[0],), ctx).loaded_bytes if w.bias else 0
         return wq_bytes(shape[0], shape[1], *settings, ctx.compute) + bias

@@ -63,9 +63,10 @@ class GPTQ(RepackedToWQ):
                 return None if override is None else replace(self, **dict(override), dynamic=())
         return self
 
-    def wq_settings(self, w):
+    def wq_settings(self, w, k):
         cfg = self.rule(w.name) or self
-        return cfg.bits, cfg.group_size, cfg.desc_act
+        # With a single group (K <= group) act-order's g_idx is all zeros: nothing to permute.
+        return cfg.bits, cfg.group_size, cfg.desc_act and 0 < cfg.group_size < k
 
     def quantizes(self, w: Weight) -> bool:
         if w.role == "router":
@@ -112,7 +113,7 @@ class Marlin(RepackedToWQ):
     def label(self) -> str:
         return f"Marlin 4-bit {'channel' if self.group_size == -1 else f'g{self.group_size}'}"
 
-    def wq_settings(self, w):
+    def wq_settings(self, w, k):
         return 4, self.group_size, False
 
     def quantizes(self, w: Weight) -> bool:
@@ -149,7 +150,7 @@ class AWQ(RepackedToWQ):
     def label(self) -> str:
         return f"AWQ 4-bit g{self.group_size} {self.version}"
 
-    def wq_settings(self, w):
+    def wq_settings(self, w, k):
         return 4, self.group_size, False
 
     def quantizes(self, w: Weight) -> bool:

@@ -3,7 +3,9 @@
 SOURCE is a model directory (its config.json and quantization side files), a bare
 config.json, a .gguf file or a directory holding one (its header: metadata and tensor
 table), ``demo``, or a hub id ``org/name`` (config.json, plus a quantization side file when
-config.json names no method, downloaded alone).
+config.json names no method, downloaded alone).  An HQQ directory keeps its settings only in
+qmodel.pt's per-layer metadata, which detection reads memory-mapped (the weights' bytes
+are not read).
 """
 from __future__ import annotations
 
