@@ -50,6 +50,8 @@ class GGMLTensor:
 
 
 class GGMLKernel(ABC):
+    reads_raw: ClassVar[bool] = True   # the GGML bytes stay on the device for this kernel
+
     name: ClassVar[str]
 
     @classmethod
@@ -58,7 +60,9 @@ class GGMLKernel(ABC):
         ...
 
     @abstractmethod
-    def __init__(self, w: GGMLTensor, dtype: torch.dtype) -> None: ...
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
+        """``w`` is on ``device`` unless the class sets ``reads_raw = False`` (then it may
+        still be the memory-mapped host copy: the kernel keeps only its own repacked one)."""
 
     @abstractmethod
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
@@ -79,7 +83,7 @@ class DenseKernel(GGMLKernel):
             return False, f"{w.type_name} is block-quantized"
         return True, ""
 
-    def __init__(self, w: GGMLTensor, dtype: torch.dtype) -> None:
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
         self.weight = w.to_float(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +107,7 @@ class CpuInt4PackKernel(GGMLKernel):
             return False, f"runs on the CPU only (device is {device.type})"
         return cpu_int4.supports(w.ggml_type, w.shape[0], w.shape[1])
 
-    def __init__(self, w: GGMLTensor, dtype: torch.dtype) -> None:
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
         self.raw = w
         self.packed = cpu_int4.prepare(w.data, w.ggml_type)
 
@@ -127,14 +131,55 @@ class DequantKernel(GGMLKernel):
     def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
         return True, ""
 
-    def __init__(self, w: GGMLTensor, dtype: torch.dtype) -> None:
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
         self.raw = w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.raw.to_float(x.dtype))
 
 
-GGML_KERNELS: tuple[type[GGMLKernel], ...] = (DenseKernel, CpuInt4PackKernel, DequantKernel)
+class TritonWQKernel(GGMLKernel):
+    """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K repacked once into the common integer layout and
+    run by the fused Triton dequant-matmul (quant_kernels/gguf_wq.py)."""
+
+    name = "triton-wq (fused dequant-matmul)"
+    reads_raw = False
+
+    @classmethod
+    def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
+        from quant_kernels import gguf_wq, triton_wq
+
+        if policy == "reference":
+            return False, "reference kernels requested"
+        if device.type != "cuda":
+            return False, f"runs on CUDA GPUs only (device is {device.type})"
+        if not triton_wq.HAS_TRITON:
+            return False, "triton is not installed"
+        if w.ggml_type not in gguf_wq.SUPPORTED:
+            return False, (f"{w.type_name} uses 16-value sub-blocks or codebooks (fused: "
+                           f"{', '.join(t.name for t in gguf_wq.SUPPORTED)})")
+        return True, ""
+
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
+        from quant_kernels import gguf_wq
+
+        # the kernels take fp16/bf16 activations; an fp32 model gets fp16 scales
+        self.act_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        self.wq = gguf_wq.to_wq(w.data, w.ggml_type, w.shape[1], self.act_dtype).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from quant_kernels.triton_wq import wq_matmul
+
+        if x.dtype == self.act_dtype:
+            return wq_matmul(x, self.wq)
+        return wq_matmul(x.to(self.act_dtype), self.wq).to(x.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.wq.qweight, self.wq.scales, self.wq.bias) if t is not None]
+
+
+GGML_KERNELS: tuple[type[GGMLKernel], ...] = (DenseKernel, TritonWQKernel, CpuInt4PackKernel,
+                                              DequantKernel)
 
 
 def pick_kernel(w: GGMLTensor, device: torch.device, policy: str

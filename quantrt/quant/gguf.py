@@ -57,14 +57,18 @@ class GGUFLinearMethod(LinearMethod):
         refused: list[tuple[str, str]] = []
         names = []
         for s in shards:
-            s = s.to(device)
             kernel_cls, why = pick_kernel(s, device, self.policy)
-            pieces.append((s, kernel_cls(s, layer.params_dtype)))
+            if kernel_cls.reads_raw:
+                s = s.to(device)
+            pieces.append((s, kernel_cls(s, layer.params_dtype, device)))
             refused.extend(r for r in why if r not in refused)
             names.append(kernel_cls.name)
         layer.ggml_pieces = pieces
         layer.ggml_shards = [p[0] for p in pieces]
-        layer.kernel_tensors = [p[0].data for p in pieces] + [t for p in pieces for t in p[1].tensors()]
+        # GGML bytes count only where they sit on the device (a repacking kernel leaves
+        # them in the memory-mapped file)
+        layer.kernel_tensors = [p[0].data for p in pieces if p[0].data.device.type == device.type] \
+            + [t for p in pieces for t in p[1].tensors()]
         layer.kernel_choice = KernelChoice(" + ".join(dict.fromkeys(names)), tuple(refused))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
