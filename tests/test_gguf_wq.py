@@ -68,9 +68,11 @@ def test_gguf_model_on_fused_kernel(tmp_path, qtype):
     from quantrt.loader import load
     from tests.fixture_util import prompt_logits
     from tests.gguf_writer import convert_hf_to_gguf
+    from tests.test_gguf_models import save_bpe_tokenizer
     from tests.tiny_models import make_tiny_model
 
     src = make_tiny_model(tmp_path / "hf", hidden_size=96, intermediate_size=160, seed=4)
+    save_bpe_tokenizer(src)  # a gpt2 GGUF vocabulary needs BPE merges
     path = convert_hf_to_gguf(src, tmp_path / f"m-{qtype}.gguf", qtype)
     ref = load(path, device="cpu", kernels="reference", progress=False)
     gpu = load(path, device="cuda", dtype="float16", progress=False)
