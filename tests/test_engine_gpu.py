@@ -4,7 +4,6 @@ unquantized model and for an AWQ fixture on the fused int4 kernel; no KV block l
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.fixture_util import FIXTURES
 from tests.tiny_models import make_tiny_model

@@ -11,13 +11,17 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from formats import bnb as bnb_format
-from quantrt.errors import ConfigError, FormatError, UnsupportedError
+from quantrt.errors import ConfigError, UnsupportedError
 from quantrt.quant.base import canonical_method, config_class
 from quantrt.quant.bnb import BitsAndBytesConfig, matches_any
 from quantrt.quant.detect import DetectedQuant, resolve
 from quantrt.quant.unquantized import UnquantizedLinearMethod
 from tests.fixture_util import FIXTURES, load_fixture, prompt_logits
-from tests.test_quant_bad_checkpoints import _copy, _edit_config, _edit_tensors, _error
+from tests.fixture_util import assert_bad_checkpoint
+from tests.fixture_util import cli_error as _error
+from tests.fixture_util import copy_fixture as _copy
+from tests.fixture_util import edit_config as _edit_config
+from tests.fixture_util import edit_tensors as _edit_tensors
 from tests.tiny_models import make_tiny_model
 
 LAYER = "model.layers.1.mlp.down_proj"
@@ -294,15 +298,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_checkpoint_gets_clear_error(tmp_path, case):
-    name, tensors, config, needles = CASES[case]
-    d = _copy(tmp_path, name)
-    if tensors:
-        _edit_tensors(d, tensors)
-    if config:
-        _edit_config(d, config)
-    out = _error(d)
-    for needle in needles:
-        assert needle in out, out
+    assert_bad_checkpoint(tmp_path, *CASES[case])
 
 
 def test_fused_shard_error_names_the_checkpoint_tensor(tmp_path):

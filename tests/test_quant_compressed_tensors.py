@@ -4,17 +4,17 @@ FP8 W8A8 on the GPU."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
 
 from quantrt.errors import ConfigError, FormatError, UnsupportedError
 from quantrt.quant.compressed_tensors import CompressedTensorsConfig, QuantArgs, fake_quant
-from tests.fixture_util import FIXTURES, load_fixture, prompt_logits
+from tests.fixture_util import FIXTURES, assert_bad_checkpoint, load_fixture, prompt_logits
+from tests.fixture_util import copy_fixture as _copy
+from tests.fixture_util import edit_config as _edit_config
+from tests.fixture_util import edit_tensors as _edit_tensors
 
 NAMES = ("ct_w4a16_group", "ct_w4a16_asym", "ct_w8a16_channel", "ct_fp8_dynamic", "ct_fp8_block")
 LAYER = "model.layers.1.mlp.down_proj"
@@ -294,24 +294,6 @@ def test_inspect_json_reports_settings(name):
         assert kernel.startswith("cpu-int4pack")
 
 
-def _copy(tmp_path, name):
-    dst = tmp_path / name
-    shutil.copytree(FIXTURES / name, dst)
-    return dst
-
-
-def _edit_tensors(d, fn):
-    tensors = load_file(d / "model.safetensors")
-    fn(tensors)
-    save_file(tensors, d / "model.safetensors")
-
-
-def _edit_config(d, fn):
-    cfg = json.loads((d / "config.json").read_text())
-    fn(cfg["quantization_config"])
-    (d / "config.json").write_text(json.dumps(cfg))
-
-
 def _g0(fn):
     return lambda q: fn(q["config_groups"]["group_0"]["weights"])
 
@@ -341,18 +323,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_checkpoint_gets_clear_error(tmp_path, case):
-    from quantrt.cli import main
-
-    name, tensors, config, needles = BAD[case]
-    d = _copy(tmp_path, name)
-    if tensors:
-        _edit_tensors(d, tensors)
-    if config:
-        _edit_config(d, config)
-    res = CliRunner().invoke(main, ["inspect", str(d), "--device", "cpu"])
-    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-    for needle in needles:
-        assert needle in res.output, res.output
+    assert_bad_checkpoint(tmp_path, *BAD[case])
 
 
 def test_ignored_layer_loads_float_weights(tmp_path):

@@ -16,7 +16,11 @@ from quantrt.quant.base import canonical_method, config_class
 from quantrt.quant.detect import DetectedQuant, resolve
 from quantrt.quant.fp8 import FbgemmFp8Config, Fp8Config, ModelOptFp8Config
 from tests.fixture_util import FIXTURES, load_fixture, prompt_logits
-from tests.test_quant_bad_checkpoints import _copy, _edit_config, _edit_tensors, _error
+from tests.fixture_util import assert_bad_checkpoint
+from tests.fixture_util import cli_error as _error
+from tests.fixture_util import copy_fixture as _copy
+from tests.fixture_util import edit_config as _edit_config
+from tests.fixture_util import edit_tensors as _edit_tensors
 from tests.test_quant_bnb import _linear, _logits, _reference, replace_linears
 from tests.tiny_models import make_tiny_model
 
@@ -258,15 +262,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_checkpoint_gets_clear_error(tmp_path, case):
-    name, tensors, config, needles = CASES[case]
-    d = _copy(tmp_path, name)
-    if tensors:
-        _edit_tensors(d, tensors)
-    if config:
-        _edit_config(d, config)
-    out = _error(d)
-    for needle in needles:
-        assert needle in out, out
+    assert_bad_checkpoint(tmp_path, *CASES[case])
 
 
 # -- inspect ----------------------------------------------------------------------------------

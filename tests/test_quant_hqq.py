@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from quantrt.errors import ConfigError, UnsupportedError
 from quantrt.quant.hqq import HQQConfig, HQQParams
-from tests.fixture_util import FIXTURES, load_fixture, prompt_logits
+from tests.fixture_util import FIXTURES, cli_error, copy_fixture, load_fixture, prompt_logits
 
 NAMES = ("hqq_3bit_g64", "hqq_4bit_g64_axis1")
 LAYER = "model.layers.1.mlp.down_proj"
@@ -198,9 +198,7 @@ class Payload:
 
 
 def _copy(tmp_path, name="hqq_4bit_g64_axis1"):
-    dst = tmp_path / name
-    shutil.copytree(FIXTURES / name, dst)
-    return dst
+    return copy_fixture(tmp_path, name)
 
 
 def _edit_qmodel(d, fn):
@@ -210,12 +208,9 @@ def _edit_qmodel(d, fn):
 
 
 def _error(d) -> str:
-    from quantrt.cli import main
-
-    res = CliRunner().invoke(main, ["inspect", str(d), "--device", "cpu"])
-    assert res.exit_code == 2, res.output
-    assert "Traceback" not in res.output and "must never run" not in res.output
-    return res.output
+    out = cli_error(d)
+    assert "must never run" not in out  # the pickled payload of the code-injection case
+    return out
 
 
 BAD = {

@@ -220,3 +220,15 @@ def check_int(value: Any, key: str, allowed: tuple[int, ...] | None = None,
     if minimum is not None and value < minimum:
         raise ConfigError(f"quantization setting {key!r} = {value} must be at least {minimum}")
     return value
+
+
+def fast_kernel_refusal(policy: str, device: "torch.device", runs_on: str | None = None
+                        ) -> str | None:
+    """Why a fast kernel may not run at all (the reference path was asked for, or it runs
+    on another device type), or None; each kernel then checks its own limits."""
+    if policy == "reference":
+        return "reference kernels requested"
+    if runs_on is not None and device.type != runs_on:
+        where = "CUDA GPUs" if runs_on == "cuda" else "the CPU"
+        return f"runs on {where} only (device is {device.type})"
+    return None

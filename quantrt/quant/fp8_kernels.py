@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from formats import fp8 as fp8_format
+from quantrt.quant.base import fast_kernel_refusal
 from quantrt.quant.packed import PackedKernel, ReferenceKernel
 
 E4M3_MAX = fp8_format.E4M3_MAX
@@ -34,10 +35,9 @@ class Fp8ScaledMMKernel(PackedKernel):
 
     @classmethod
     def can_implement(cls, method, layer, device, policy):
-        if policy == "reference":
-            return False, "reference kernels requested"
-        if device.type != "cuda":
-            return False, f"runs on CUDA GPUs only (device is {device.type})"
+        why = fast_kernel_refusal(policy, device, "cuda")
+        if why:
+            return False, why
         if not hasattr(torch, "_scaled_mm"):
             return False, "this torch build has no _scaled_mm"
         if torch.cuda.get_device_capability(device) < (8, 9):
@@ -84,8 +84,9 @@ class Fp8DequantKernel(PackedKernel):
 
     @classmethod
     def can_implement(cls, method, layer, device, policy):
-        if policy == "reference":
-            return False, "reference kernels requested"
+        why = fast_kernel_refusal(policy, device)
+        if why:
+            return False, why
         return True, ""
 
     def __init__(self, method, layer, device) -> None:

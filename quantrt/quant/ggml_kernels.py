@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from quant_kernels import cpu_int4, gguf_ref
+from quantrt.quant.base import fast_kernel_refusal
 
 FLOAT_TYPES = {
     gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
@@ -101,10 +102,9 @@ class CpuInt4PackKernel(GGMLKernel):
 
     @classmethod
     def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
-        if policy == "reference":
-            return False, "reference kernels requested"
-        if device.type != "cpu":
-            return False, f"runs on the CPU only (device is {device.type})"
+        why = fast_kernel_refusal(policy, device, "cpu")
+        if why:
+            return False, why
         return cpu_int4.supports(w.ggml_type, w.shape[0], w.shape[1])
 
     def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
@@ -149,10 +149,9 @@ class TritonWQKernel(GGMLKernel):
     def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
         from quant_kernels import gguf_wq, triton_wq
 
-        if policy == "reference":
-            return False, "reference kernels requested"
-        if device.type != "cuda":
-            return False, f"runs on CUDA GPUs only (device is {device.type})"
+        why = fast_kernel_refusal(policy, device, "cuda")
+        if why:
+            return False, why
         if not triton_wq.HAS_TRITON:
             return False, "triton is not installed"
         if w.ggml_type not in gguf_wq.SUPPORTED:

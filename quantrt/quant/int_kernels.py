@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from quant_kernels import cpu_int4
+from quantrt.quant.base import fast_kernel_refusal
 from quantrt.quant.packed import IntWeight, PackedKernel, ReferenceKernel
 
 
@@ -77,10 +77,9 @@ class TritonWQKernel(_PieceKernel):
         from quant_kernels import triton_wq
         from quant_kernels.wq_layout import GROUP_SIZES
 
-        if policy == "reference":
-            return False, "reference kernels requested"
-        if device.type != "cuda":
-            return False, f"runs on CUDA GPUs only (device is {device.type})"
+        why = fast_kernel_refusal(policy, device, "cuda")
+        if why:
+            return False, why
         if not triton_wq.HAS_TRITON:
             return False, "triton is not installed"
         if layer.params_dtype not in (torch.float16, torch.bfloat16):
@@ -131,10 +130,9 @@ class CpuTinygemmKernel(_PieceKernel):
 
     @classmethod
     def can_implement(cls, method, layer, device, policy):
-        if policy == "reference":
-            return False, "reference kernels requested"
-        if device.type != "cpu":
-            return False, f"runs on the CPU only (device is {device.type})"
+        why = fast_kernel_refusal(policy, device, "cpu")
+        if why:
+            return False, why
         ints = method.shard_ints(layer)
         if ints is None:
             return False, "the format is not integer-affine"

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from formats import bnb as bnb_format
+from quantrt.quant.base import fast_kernel_refusal
 from quantrt.quant.packed import PackedKernel, ReferenceKernel
 
 
@@ -60,8 +61,9 @@ class Lut4Kernel(PackedKernel):
 
     @classmethod
     def can_implement(cls, method, layer, device, policy):
-        if policy == "reference":
-            return False, "reference kernels requested"
+        why = fast_kernel_refusal(policy, device)
+        if why:
+            return False, why
         if getattr(layer, "bnb_meta", None) is None:
             return False, "not a bitsandbytes 4-bit layer"
         return True, ""
@@ -86,10 +88,9 @@ class CpuInt8Kernel(PackedKernel):
 
     @classmethod
     def can_implement(cls, method, layer, device, policy):
-        if policy == "reference":
-            return False, "reference kernels requested"
-        if device.type != "cpu":
-            return False, f"runs on the CPU only (device is {device.type})"
+        why = fast_kernel_refusal(policy, device, "cpu")
+        if why:
+            return False, why
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return False, "this torch build has no _weight_int8pack_mm"
         ints = method.shard_ints(layer)
