@@ -190,5 +190,10 @@ def estimate_command(source: str, methods: tuple[str, ...], gpu, gpu_memory, num
     click.echo(json.dumps(est.to_dict(), indent=2) if as_json else est.table())
 
 
+from quantrt.convert.cli_commands import register as _register_convert  # noqa: E402
+
+_register_convert(main)  # quantrt convert, quantrt eval ppl
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
