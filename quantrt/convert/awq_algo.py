@@ -1,0 +1,116 @@
+"""AWQ (Lin et al., arXiv:2306.00978), our implementation: protect the input channels
+that carry large activations by scaling them up before quantization and folding the
+inverse scale into the operation that produces the input, then clip each group's range.
+
+For every set of linears that share an input (q/k/v after the input norm, o after v when
+shapes allow, gate/up after the post-attention norm, down after up):
+
+* scale search: s = mean|x|^a (normalised so max*min = 1) for a on a grid in [0, 1);
+  the a that minimises ||x W^T - x (Q(W diag(s)) diag(s)^-1)^T|| over the calibration
+  tokens wins (a = 0 is plain RTN, so the search never does worse than RTN on them);
+* the winner is applied exactly: prev /= s (norm weight, or the rows of v / up), W *= s;
+* clip search: per output row and group, the range shrink in [0.5, 1] that minimises
+  that group's output error; q/k are not clipped (their errors are amplified by the
+  attention softmax, as the AWQ authors found).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantrt.convert.intq import rtn
+
+GRID = 20
+CLIP_GRID = 10
+CLIP_MIN = 0.5
+CLIP_TOKENS = 512  # AutoAWQ's n_sample_token: the clip search is the expensive part
+
+
+def fake_quant(w: torch.Tensor, bits: int, group_size: int, scale_dtype) -> torch.Tensor:
+    return rtn(w, bits, group_size, False, scale_dtype).dequantize()
+
+
+@torch.no_grad()
+def search_scale(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int,
+                 scale_dtype) -> torch.Tensor:
+    """Best per-input-channel scale s [K] for linears ``weights`` (each [N_i, K])."""
+    w = torch.cat(weights, dim=0).float()
+    ref = x @ w.t()
+    x_mean = x.abs().mean(dim=0)
+    best, best_s = float("inf"), torch.ones_like(x_mean)
+    for i in range(GRID):
+        s = x_mean.pow(i / GRID).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        wq = fake_quant(w * s, bits, group_size, scale_dtype) / s
+        err = (x @ wq.t() - ref).pow(2).mean().item()
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+@torch.no_grad()
+def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, scale_dtype,
+                rows: int = 256) -> torch.Tensor:
+    """W with each (row, group) clamped to the shrink of its max |w| that minimises the
+    group's contribution error on ``x`` [M, K]."""
+    n, k = w.shape
+    g = k if group_size <= 0 or k % group_size else group_size  # partial groups: no clip
+    x = x[torch.linspace(0, x.shape[0] - 1, min(CLIP_TOKENS, x.shape[0])).long()]
+    xg = x.reshape(x.shape[0], k // g, g)                        # [M, G, g]
+    out = w.clone()
+    for r0 in range(0, n, rows):
+        wg = w[r0:r0 + rows].reshape(-1, k // g, g)             # [n, G, g]
+        ref = torch.einsum("mGg,nGg->mnG", xg, wg)
+        amax = wg.abs().amax(dim=-1, keepdim=True)
+        best_err = torch.full(wg.shape[:2], float("inf"))
+        best_max = amax.clone()
+        for i in range(CLIP_GRID + 1):
+            mx = amax * (1 - (1 - CLIP_MIN) * i / CLIP_GRID)
+            wc = torch.clamp(wg, -mx, mx).reshape(wg.shape[0], k)
+            wq = fake_quant(wc, bits, g, scale_dtype).reshape(wg.shape)
+            err = (torch.einsum("mGg,nGg->mnG", xg, wq) - ref).pow(2).mean(dim=0)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better[..., None], mx, best_max)
+        out[r0:r0 + rows] = torch.clamp(wg, -best_max, best_max).reshape(-1, k)
+    return out
+
+
+def _scale_prev(prev: nn.Module, s: torch.Tensor) -> None:
+    if isinstance(prev, nn.Linear):  # its output rows feed the scaled input channels
+        prev.weight.div_(s[:, None])
+        if prev.bias is not None:
+            prev.bias.div_(s)
+    else:  # RMSNorm-like: one weight per channel
+        prev.weight.div_(s)
+
+
+@torch.no_grad()
+def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], bits: int, group_size: int,
+              scale_dtype) -> None:
+    """Apply AWQ scales and clipping to one transformers decoder layer in place;
+    ``inputs`` maps linear names (``self_attn.q_proj``...) to sampled inputs [M, K]."""
+    mods = dict(layer.named_modules())
+    plan = [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            ("self_attn.v_proj", ["self_attn.o_proj"]),
+            ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+            ("mlp.up_proj", ["mlp.down_proj"])]
+    for prev_name, names in plan:
+        prev = mods.get(prev_name)
+        if prev is None or any(n not in mods for n in names):
+            continue
+        linears = [mods[n] for n in names]
+        if isinstance(prev, nn.Linear) and prev.weight.shape[0] != linears[0].weight.shape[1]:
+            continue  # grouped-query attention: v's rows are not o's input channels
+        s = search_scale(inputs[names[0]], [m.weight for m in linears], bits, group_size,
+                         scale_dtype)
+        _scale_prev(prev, s)
+        for m in linears:
+            m.weight.mul_(s[None, :])
+        for n in names:
+            inputs[n] = inputs[n] / s  # what these linears now see
+    for name, x in inputs.items():
+        if name.endswith(("q_proj", "k_proj")):
+            continue
+        m = mods[name]
+        m.weight.copy_(search_clip(x, m.weight.float(), bits, group_size, scale_dtype))

@@ -1,0 +1,131 @@
+"""GPTQ and AWQ (our implementations): each beats round-to-nearest on the error it
+minimises, and calibrated conversions write checkpoints that load back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantrt.convert import ConvertRequest, convert
+from quantrt.convert.awq_algo import awq_layer, fake_quant, search_scale
+from quantrt.convert.gptq_algo import gptq_quantize
+from quantrt.convert.intq import rtn
+from quantrt.errors import ConfigError
+from quantrt.loader import load
+from tests.fixture_util import prompt_logits
+from tests.tiny_models import make_tiny_model, save_bpe_tokenizer
+
+
+def _inputs(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Correlated activations with a few large channels, like a transformer's."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k // 4, generator=g) @ torch.randn(k // 4, k, generator=g)
+    x[:, :4] *= 20
+    return x
+
+
+@pytest.mark.parametrize("act_order,sym", [(False, True), (True, False)])
+def test_gptq_beats_rtn_on_the_layer_output(act_order, sym):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 128, generator=g)
+    x = _inputs(512, 128)
+    h = 2 * x.t() @ x / x.shape[0]
+    iw = gptq_quantize(w, h, 4, 32, sym, act_order=act_order)
+    err_gptq = (x @ (iw.dequantize() - w).t()).pow(2).mean()
+    err_rtn = (x @ (rtn(w, 4, 32, sym).dequantize() - w).t()).pow(2).mean()
+    assert err_gptq < 0.7 * err_rtn
+    assert iw.q.min() >= 0 and iw.q.max() <= 15
+    if act_order:
+        # g_idx: every group holds exactly group_size original columns
+        assert torch.bincount(iw.g_idx.long()).tolist() == [32] * 4
+        assert not torch.equal(iw.g_idx.long(), torch.arange(128) // 32)
+    else:
+        assert iw.g_idx is None
+
+
+def test_gptq_handles_a_partial_last_group_and_dead_inputs():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 80, generator=g)
+    x = _inputs(256, 80)
+    x[:, 5] = 0  # a dead input channel: zero weight, no NaN
+    iw = gptq_quantize(w, 2 * x.t() @ x / 256, 3, 32, False)
+    assert iw.scales.shape == (3, 16) and torch.isfinite(iw.dequantize()).all()
+
+
+def test_awq_scale_search_never_loses_to_rtn():
+    g = torch.Generator().manual_seed(3)
+    x = _inputs(256, 128)
+    w = torch.randn(64, 128, generator=g)
+    s = search_scale(x, [w], 4, 32, torch.float16)
+    awq = fake_quant(w * s, 4, 32, torch.float16) / s
+    plain = fake_quant(w, 4, 32, torch.float16)
+    assert (x @ (awq - w).t()).pow(2).mean() < (x @ (plain - w).t()).pow(2).mean()
+
+
+def test_awq_layer_folds_scales_exactly():
+    """Scaling norm and v/up rows down and the next linears' columns up leaves the float
+    layer's function unchanged (up to clipping, which this test turns off)."""
+    import transformers
+
+    from quantrt.convert import awq_algo
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                   num_key_value_heads=4, num_hidden_layers=1, vocab_size=10)
+    layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(cfg, 0).eval()
+    with torch.no_grad():
+        layer.input_layernorm.weight.add_(torch.rand(64))
+    x = torch.randn(2, 8, 64)
+    rot = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg)
+    pe = rot(x, torch.arange(8)[None])
+    before = layer(x, position_embeddings=pe)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    mods = dict(layer.named_modules())
+    inputs = {n: torch.randn(64, mods[n].in_features).abs() for n in names}
+    orig_clip = awq_algo.search_clip
+    awq_algo.search_clip = lambda x, w, *a, **k: w
+    try:
+        awq_layer(layer, inputs, 4, 32, torch.float16)
+    finally:
+        awq_algo.search_clip = orig_clip
+    assert torch.allclose(layer(x, position_embeddings=pe), before, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    path = make_tiny_model(tmp_path_factory.mktemp("cal") / "src", hidden_size=64,
+                           intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    save_bpe_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("gptq", dict(act_order=True, sym=False, bits=4)),
+    ("ct-w4a16", dict(algo="gptq")),
+    ("awq", {}),
+])
+def test_calibrated_conversion_loads(src, tmp_path, method, kw):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "out"
+    convert(str(src), out, ConvertRequest(method, group_size=32, calib=str(calib),
+                                          calib_samples=4, calib_seqlen=32, **kw),
+            progress=False)
+    ids = list(range(5, 40))
+    ref = prompt_logits(load(str(src), device="cpu", progress=False), ids)
+    got = prompt_logits(load(str(out), device="cpu", progress=False), ids)
+    assert (got - ref).abs().max() / ref.abs().max() < 0.3
+
+
+def test_calibration_text_errors(src, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        ConvertRequest("gptq", calib=str(empty))
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    with pytest.raises(ConfigError, match="fewer than one sample"):
+        convert(str(src), tmp_path / "o", ConvertRequest("gptq", calib=str(short)),
+                progress=False)
+    assert not (tmp_path / "o").exists()
