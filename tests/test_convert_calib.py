@@ -102,7 +102,6 @@ def src(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("method,kw", [
     ("gptq", dict(act_order=True, sym=False, bits=4)),
-    ("ct-w4a16", dict(algo="gptq")),
     ("awq", {}),
 ])
 def test_calibrated_conversion_loads(src, tmp_path, method, kw):

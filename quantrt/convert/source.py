@@ -205,7 +205,9 @@ def open_source(source: str | os.PathLike) -> ConvertSource:
     raw = read_json(os.path.join(path, "config.json"))
     detected = detect_hf(path, raw)
     if detected.method != "none":
-        from quantrt.convert.dequant import QuantizedSource
-
-        return QuantizedSource(path, raw, detected)
+        # Transcoding quantized HF checkpoints (AWQ <-> GPTQ <-> compressed-tensors, any ->
+        # bf16) is not implemented yet; GGUF sources are (dequantized per tensor).
+        raise UnsupportedError(f"converting an already quantized ({detected.method}) HF "
+                               "checkpoint is not supported yet", where=path,
+                               hint="convert from the float model or a GGUF")
     return HFSource(path, raw)
