@@ -206,3 +206,13 @@ def test_cli_convert_and_errors(src, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "fp8"])
     assert r.exit_code == 2 and "already exists" in r.output
     assert isinstance(QuantrtError("x"), Exception)
+
+
+def test_sharded_output_loads(src, ref_logits, tmp_path):
+    out = tmp_path / "sharded"
+    convert(str(src), out, ConvertRequest("gptq", algo="rtn", group_size=32,
+                                          shard_bytes=64 << 10), progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    lm = load(str(out), device="cpu", progress=False)
+    assert (prompt_logits(lm, IDS) - ref_logits).abs().max() / ref_logits.abs().max() < 0.2

@@ -54,7 +54,7 @@ class ConvertRequest:
     gguf_type: str = "Q4_0"
     double_quant: bool = False        # bnb-nf4: quantize the absmax too
     dtype: str = "float16"            # dtype of every tensor left unquantized
-    shard_bytes: int = 2 << 30
+    shard_bytes: int = 512 << 20      # output held in memory until its shard is written
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from formats.safetensors_file import SafetensorsCheckpoint
 from quantrt.errors import SourceError, UnsupportedError
 
 # Files an HF directory carries besides its weights that a converted copy keeps as is.
@@ -72,6 +73,7 @@ class HFSource(ConvertSource):
 
         self.path = path
         self.ckpt = open_checkpoint(path)
+        self._last_file: str | None = None
         self.config = {k: v for k, v in raw_config.items() if k != "quantization_config"}
         tied = bool(raw_config.get("tie_word_embeddings", False))
         self.names = [n for n in self.ckpt.keys() if not n.endswith("rotary_emb.inv_freq")
@@ -81,8 +83,13 @@ class HFSource(ConvertSource):
         return tuple(self.ckpt.info(name)[1])
 
     def get(self, name: str) -> torch.Tensor:
+        file = self.ckpt.info(name)[2]
+        if file != self._last_file and isinstance(self.ckpt, SafetensorsCheckpoint):
+            # Unmap the previous shard: its pages would otherwise stay in our RSS.
+            self.ckpt.close()
+            self._last_file = file
         t = self.ckpt.get(name)
-        return t.float() if t.dtype.is_floating_point else t
+        return t.float() if t.dtype.is_floating_point else t.clone()
 
     def write_side_files(self, out: str) -> None:
         for f in SIDE_FILES:
