@@ -173,6 +173,11 @@ ATTENTION_SCORE_BYTES = 10
 SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4 + 4
 
 
+# quant_kernels.triton_wq.DEQUANT_GEMM_MIN_M (kept here so estimates need no Triton import;
+# tests/test_estimate_kernels.py checks that the two agree)
+DEQUANT_GEMM_MIN_M = 1024
+
+
 def activation_peak(arch: Arch, tp: int, layout: Layout, tokens: int, seqs: int,
                     act_bytes: int) -> int:
     """Peak of live activations in one forward pass of ``tokens`` tokens, one GPU.
@@ -199,7 +204,14 @@ def activation_peak(arch: Arch, tp: int, layout: Layout, tokens: int, seqs: int,
         biggest = max(w.numel for w in weights(arch) if w.is_linear and w.role != "lm_head")
         mlp += biggest // tp * a
     sampler = min(seqs, tokens) * arch.vocab * SAMPLER_BYTES_PER_LOGIT + tokens * h * a
-    return max(attention, mlp, sampler) + layout.kernel_workspace
+    workspace = layout.kernel_workspace
+    if workspace and tokens >= DEQUANT_GEMM_MIN_M and not layout.dequantizes_weights:
+        # A prefill this large takes the integer kernels' dequantize + cuBLAS path, which does
+        # not autotune: its transient is one dense copy of the largest quantized weight
+        # (measured on the H100: 1B/8B-shape AWQ prefill peaks equal bf16's plus that copy).
+        biggest = max(w.numel for w in weights(arch) if w.is_linear and w.role != "lm_head")
+        workspace = biggest // tp * a
+    return max(attention, mlp, sampler) + workspace
 
 
 @dataclass(frozen=True)
