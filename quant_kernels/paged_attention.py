@@ -9,6 +9,9 @@ an online softmax in fp32 over ``BLOCK_SIZE``-token pages.  Long contexts with f
 sequences are split over ``SPLITS`` programs (flash-decoding); a second kernel merges the
 partial maxima, sums and outputs.
 
+``softcap`` (Gemma 2) caps each score as ``cap * tanh(score / cap)``; a constexpr, so the
+uncapped kernel compiles without it.
+
 The torch reference is ``quantrt.models.attention.paged_attention_ref``.
 """
 from __future__ import annotations
@@ -23,13 +26,13 @@ def _decode_kernel(
     # q [B, H, D]; caches [num_blocks, BLOCK_SIZE, Hk, D]; block tables [B, max_blocks] int32;
     # context lengths [B] int32; partial outputs [SPLITS, B, H, D] fp32, max/sum [SPLITS, B, H]
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, po_ptr, pm_ptr, pl_ptr,
-    scale, window, B, H,
+    scale, window, softcap, B, H,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_btb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -68,6 +71,12 @@ def _decode_kernel(
         # [G, S]: decode is bandwidth-bound, so broadcast-multiply-sum instead of tl.dot
         # (whose 16-row minimum would waste most of a GQA group of 1-8 heads)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        if SOFTCAP:
+            # tanh from exp of a non-positive argument, so it never overflows
+            x = s / softcap
+            e = tl.exp(-2.0 * tl.abs(x))
+            t = (1.0 - e) / (1.0 + e)
+            s = softcap * tl.where(x < 0, -t, t)
         s = tl.where(s_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # a split that has seen no key yet keeps m = -inf; exp of (-inf) - (-inf) is nan
@@ -125,11 +134,11 @@ def pick_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None, splits: int | None = None
-                           ) -> torch.Tensor:
+                           sliding_window: int | None = None, splits: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """q [B, H, D] (one query per sequence, at position context_len - 1) -> [B, H, D]."""
     bsz, heads, head_dim = q.shape
-    nb, block_size, kv_heads, d2 = k_cache.shape
+    _nb, block_size, kv_heads, d2 = k_cache.shape
     if d2 != head_dim or heads % kv_heads or v_cache.shape != k_cache.shape:
         raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}")
     if block_tables.shape[0] != bsz or context_lens.shape != (bsz,):
@@ -138,6 +147,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"block size must be a power of two, got {block_size}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q and the caches must be contiguous in the head dimension")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
     group = heads // kv_heads
     if splits is None:
         splits = pick_splits(bsz, kv_heads, block_tables.shape[1], q.device)
@@ -147,13 +158,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     d_pad = triton.next_power_of_2(head_dim)
     _decode_kernel[(bsz, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, pm, pl,
-        scale, sliding_window or 0, bsz, heads,
+        scale, sliding_window or 0, float(softcap or 1.0), bsz, heads,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, SPLITS=splits, num_warps=4)
+        BLOCK_SIZE=block_size, SPLITS=splits, SOFTCAP=softcap is not None, num_warps=4)
     out = torch.empty_like(q)
     _merge_kernel[(bsz, heads)](part, pm, pl, out, bsz, heads, out.stride(0), out.stride(1),
                                 HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS=splits, num_warps=1)

@@ -36,15 +36,52 @@ def tensor_type_counts(lm: LoadedModel) -> dict[str, int]:
 
 
 def parameter_count(lm: LoadedModel) -> int:
-    cfg = lm.config
-    attn = cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size
-    if cfg.attention_bias:
-        attn += cfg.q_size + 2 * cfg.kv_size
-    mlp = 3 * cfg.hidden_size * cfg.intermediate_size
-    norms = 2 * cfg.hidden_size + (2 * cfg.head_dim if cfg.qk_norm else 0)
-    embed = cfg.vocab_size * cfg.hidden_size
-    head = 0 if cfg.tie_word_embeddings else embed
-    return embed + head + cfg.hidden_size + cfg.num_layers * (attn + mlp + norms)
+    """Logical parameters (unpacked), from the model's layers: every architecture's own
+    set of norms and projections counts without a formula per architecture."""
+    from quantrt.models.layers import QuantLinear, RMSNorm, VocabEmbedding
+
+    total = 0
+    for module in lm.model.modules():
+        if isinstance(module, QuantLinear):
+            if module is lm.model.lm_head and lm.config.tie_word_embeddings:
+                continue
+            total += module.input_size * module.output_size
+            total += module.output_size if module.bias is not None else 0
+        elif isinstance(module, VocabEmbedding):
+            total += module.num_embeddings * module.embedding_dim
+        elif isinstance(module, RMSNorm):
+            total += module.weight.numel()
+    return total
+
+
+def _rope_text(c: dict[str, Any]) -> str:
+    kind = c["rope_scaling"]
+    if kind == "default":
+        return kind
+    text = f"{kind} x{c['rope_factor']:g}"
+    if kind in ("llama3", "yarn", "longrope", "dynamic"):
+        text += f", original context {c['rope_original_context']}"
+    return text
+
+
+def _attention_lines(c: dict[str, Any]) -> list[str]:
+    """Architecture-specific attention settings, one line (none for a plain model)."""
+    parts = []
+    if c.get("sliding_window"):
+        parts.append(f"sliding window {c['sliding_window']} on {c['sliding_layers']} of "
+                     f"{c['layers']} layers")
+    if c.get("rope_local_theta") is not None:
+        parts.append(f"local rope theta {c['rope_local_theta']:g}")
+    caps = [f"{name} {c[key]:g}" for name, key in (("attention", "attn_softcap"),
+                                                   ("logits", "final_softcap")) if c.get(key)]
+    if caps:
+        parts.append("softcap " + ", ".join(caps))
+    if c.get("attention_scale") is not None and abs(
+            c["attention_scale"] - c["head_dim"] ** -0.5) > 1e-9:
+        parts.append(f"query scale 1/sqrt({c['attention_scale'] ** -2:g})")
+    if c.get("activation", "silu") != "silu":
+        parts.append(f"activation {c['activation']}")
+    return [f"              {', '.join(parts)}"] if parts else []
 
 
 def build_report(lm: LoadedModel) -> dict[str, Any]:
@@ -94,17 +131,18 @@ def format_report(r: dict[str, Any]) -> str:
     q = r["quantization"]
     lines = [
         f"source        {r['source']} ({r['format']}, {_mib(r['file_bytes'])})",
-        f"architecture  {c['architecture']}: {c['layers']} layers, hidden {c['hidden_size']}, "
+        (f"architecture  {c['architecture']}: {c['layers']} layers, hidden {c['hidden_size']}, "
         f"ffn {c['intermediate_size']}, heads {c['heads']}/{c['kv_heads']} (q/kv), "
-        f"head_dim {c['head_dim']}, vocab {c['vocab_size']}",
-        f"              context {c['context_length']}, rope theta {c['rope_theta']:g} "
-        f"({c['rope_scaling']}), tied embeddings {'yes' if c['tie_word_embeddings'] else 'no'}",
+        f"head_dim {c['head_dim']}, vocab {c['vocab_size']}"),
+        (f"              context {c['context_length']}, rope theta {c['rope_theta']:g} "
+        f"({_rope_text(c)}), tied embeddings {'yes' if c['tie_word_embeddings'] else 'no'}"),
+        *_attention_lines(c),
         f"parameters    {r['parameters'] / 1e6:,.1f} M",
         "quantization  " + q["method"] + "".join(
             f", {k}={v}" for k, v in q.items() if k not in ("method", "tensor_types")),
         "tensor types  " + ", ".join(f"{k} x{v}" for k, v in r["tensor_types"].items()),
-        f"loaded        {_mib(r['loaded_weight_bytes'])} of weights on {r['device']} "
-        f"(compute dtype {r['compute_dtype']})",
+        (f"loaded        {_mib(r['loaded_weight_bytes'])} of weights on {r['device']} "
+        f"(compute dtype {r['compute_dtype']})"),
         "layers:",
     ]
     width = max(len(k) for k in r["layers"]) if r["layers"] else 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from quantrt.config import ModelConfig, from_gguf_metadata, from_hf_config
 from quantrt.errors import ConfigError, FormatError, QuantrtError, UnsupportedError
@@ -26,6 +27,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 # Llama 3.1+ GGUFs carry their rope scaling as per-frequency divisors in this tensor.
 ROPE_FREQS = "rope_freqs.weight"
+# Phi-3 GGUFs carry longrope's short/long factors as tensors (read into the config).
+ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -151,7 +154,7 @@ def _finish(model: nn.Module, dev: torch.device, where: str, tie: bool,
     if tie:
         model.lm_head.method.tie_to(model.lm_head, model.embed_tokens)
         model.lm_head.process_weights_after_loading(dev)
-    model.rotary.to(dev)
+    model.rotaries.to(dev)
 
 
 def _load_one(model: nn.Module, name: str, tensor: Any, where: str) -> None:
@@ -202,6 +205,8 @@ def _gguf_tensors(gf: Any, model: nn.Module, cfg: ModelConfig) -> Iterator[tuple
         if gname == ROPE_FREQS:
             model.rotary.set_freq_factors(gf.tensor(gname).float())
             continue
+        if gname in ROPE_FACTORS:
+            continue  # already in cfg.rope
         base, _, suffix = gname.rpartition(".")
         hf = reverse.get(base)
         if hf is None:
@@ -224,7 +229,12 @@ def _load_gguf(src: ModelSource, quantization: str | None, device: Any, dtype: A
     from formats.gguf_file import read_gguf
 
     gf = read_gguf(src.path)
-    cfg = from_gguf_metadata(gf.metadata, str(src.path))
+    factors = None
+    if any(n in gf.tensors for n in ROPE_FACTORS):
+        if not all(n in gf.tensors for n in ROPE_FACTORS):
+            raise FormatError(f"GGUF has only one of {', '.join(ROPE_FACTORS)}", where=src.path)
+        factors = tuple(gf.tensor(n).float().reshape(-1).tolist() for n in ROPE_FACTORS)
+    cfg = from_gguf_metadata(gf.metadata, str(src.path), factors)
     tie = "output.weight" not in gf.tensors
     if tie != cfg.tie_word_embeddings:
         cfg = ModelConfig(**{**cfg.__dict__, "tie_word_embeddings": tie})

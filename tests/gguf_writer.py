@@ -6,7 +6,20 @@ safetensors loader and against transformers' GGUF loader on the very same weight
 
 * architecture: ``LlamaForCausalLM`` and ``MistralForCausalLM`` both become GGUF arch
   ``llama`` (llama.cpp has no separate ``mistral`` text arch; it registers Mistral on its
-  Llama converter), ``Qwen2ForCausalLM`` -> ``qwen2``, ``Qwen3ForCausalLM`` -> ``qwen3``;
+  Llama converter), ``Qwen2ForCausalLM`` -> ``qwen2``, ``Qwen3ForCausalLM`` -> ``qwen3``,
+  ``Gemma2ForCausalLM`` -> ``gemma2``, ``Gemma3ForCausalLM`` -> ``gemma3``,
+  ``Phi3ForCausalLM`` -> ``phi3``;
+* Gemma: every ``*norm.weight`` gets +1 (HF's RMSNorm multiplies by 1 + w, llama.cpp's by
+  w), ``lm_head.weight`` is never written (tied), Gemma 3's ``token_embd`` keeps only the
+  tokenizer's rows (``len(vocab) + len(added_tokens)`` of tokenizer.json, as the converter
+  counts them); the token list is written at that length too (the converter's gpt2 path would
+  pad it to ``vocab_size``, a file llama.cpp refuses; real Gemma 3 GGUFs agree in length).
+  llama.cpp stores no query scale, rope base (Gemma 2) or sliding pattern and assumes its
+  own (1/sqrt(head_dim) but hidden/heads for the 27B models; 10000; every 2nd / 6th layer
+  global), so configs that differ are refused rather than written wrong;
+* Phi-3: ``qkv_proj`` / ``gate_up_proj`` stay fused (``attn_qkv``, ``ffn_up``); longrope
+  factors go to ``rope_factors_short/long.weight`` with ``rope.scaling.attn_factor`` and
+  ``rope.scaling.original_context_length``; ``attention.sliding_window`` is 0 without one;
 * tensor names from ``gguf.get_tensor_name_map(arch, n_layers)``;
 * Q/K rows (weights and biases) permuted for arch ``llama`` only: llama.cpp's rotary kernel
   rotates adjacent pairs, HF rotates halves, so every head's rows are interleaved
@@ -21,8 +34,9 @@ safetensors loader and against transformers' GGUF loader on the very same weight
   merges from ``tokenizer.json``, bos/eos ids, ``add_bos_token`` and a chat template.
 
 What it does not do (because llama.cpp's converter does not, or our tiny models never need
-it): sentencepiece vocabularies, rope scaling keys, the pre-tokenizer hash lookup (the
-caller names ``tokenizer.ggml.pre``; our byte-level test tokenizer splits like GPT-2).
+it): sentencepiece vocabularies, rope scaling keys of the Llama family, the pre-tokenizer
+hash lookup (the caller names ``tokenizer.ggml.pre``; our byte-level test tokenizer splits
+like GPT-2).
 """
 from __future__ import annotations
 
@@ -43,8 +57,13 @@ HF_TO_GGUF_ARCH = {
     "MistralForCausalLM": gguf.MODEL_ARCH.LLAMA,
     "Qwen2ForCausalLM": gguf.MODEL_ARCH.QWEN2,
     "Qwen3ForCausalLM": gguf.MODEL_ARCH.QWEN3,
+    "Gemma2ForCausalLM": gguf.MODEL_ARCH.GEMMA2,
+    "Gemma3ForCausalLM": gguf.MODEL_ARCH.GEMMA3,
+    "Phi3ForCausalLM": gguf.MODEL_ARCH.PHI3,
 }
 PERMUTED_ARCHS = {gguf.MODEL_ARCH.LLAMA}
+GEMMA_ARCHS = {gguf.MODEL_ARCH.GEMMA2: (2, 46, 10000.0), gguf.MODEL_ARCH.GEMMA3: (6, 62, None)}
+NORM_SHIFT = 1.0  # Gemma: llama.cpp's norm weight = HF's + 1
 
 # tensor type of the 2-D weights -> general.file_type
 FILE_TYPES = {
@@ -130,11 +149,10 @@ def _checkpoint_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, cfg: dict[str, Any], pre: str,
-                     chat_template: str | None) -> None:
+                     chat_template: str | None, vocab_size: int) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    vocab_size = int(cfg["vocab_size"])
     vocab = tok.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ValueError(f"tokenizer ids reach {max(vocab.values())}, model vocab is {vocab_size}")
@@ -208,7 +226,14 @@ def convert_hf_to_gguf(model_dir: str | Path, out_path: str | Path, qtype: Q | s
     heads, kv_heads = _head_counts(cfg)
     names = gguf.get_tensor_name_map(arch, n_layers)
     permute = arch in PERMUTED_ARCHS
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    gemma = arch in GEMMA_ARCHS
+    tied = bool(cfg.get("tie_word_embeddings", False)) or gemma
+    vocab_size = int(cfg["vocab_size"])
+    if arch == gguf.MODEL_ARCH.GEMMA3:
+        raw = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab_size = min(vocab_size, len(raw["model"]["vocab"]) + len(raw["added_tokens"]))
+    if gemma:
+        _check_gemma(cfg, arch)
 
     w = gguf.GGUFWriter(str(out_path), arch_name or gguf.MODEL_ARCH_NAMES[arch])
 
@@ -217,6 +242,10 @@ def convert_hf_to_gguf(model_dir: str | Path, out_path: str | Path, qtype: Q | s
         if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
             continue
         t = t.to(torch.float32)
+        if gemma and hf_name.endswith("norm.weight"):
+            t = t + NORM_SHIFT
+        if hf_name == "model.embed_tokens.weight":
+            t = t[:vocab_size]
         if permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             t = permute_qk(t, heads)
         elif permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -238,28 +267,16 @@ def convert_hf_to_gguf(model_dir: str | Path, out_path: str | Path, qtype: Q | s
     # -- hyper-parameters
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name or model_dir.name)
-    w.add_block_count(n_layers)
-    if "max_position_embeddings" in cfg:
-        w.add_context_length(int(cfg["max_position_embeddings"]))
-    w.add_embedding_length(int(cfg["hidden_size"]))
-    w.add_feed_forward_length(int(cfg["intermediate_size"]))
-    w.add_head_count(heads)
-    if cfg.get("num_key_value_heads") is not None:
-        w.add_head_count_kv(kv_heads)
-    if (theta := _rope_theta(cfg)) is not None:
-        w.add_rope_freq_base(theta)
-    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
-    head_dim = cfg.get("head_dim")
-    if head_dim is not None:
-        w.add_key_length(int(head_dim))
-        w.add_value_length(int(head_dim))
-    if arch == gguf.MODEL_ARCH.LLAMA:
-        w.add_vocab_size(int(cfg["vocab_size"]))
-    w.add_rope_dimension_count(int(head_dim or int(cfg["hidden_size"]) // heads))
+    if arch == gguf.MODEL_ARCH.PHI3:
+        _phi3_params(w, cfg)
+    elif gemma:
+        _gemma_params(w, cfg, arch)
+    else:
+        _llama_params(w, cfg, arch)
     w.add_file_type(FILE_TYPES[qtype])
 
     # -- tokenizer
-    _write_tokenizer(w, model_dir, cfg, tokenizer_pre, chat_template)
+    _write_tokenizer(w, model_dir, cfg, tokenizer_pre, chat_template, vocab_size)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     w.write_header_to_file()
@@ -267,3 +284,88 @@ def convert_hf_to_gguf(model_dir: str | Path, out_path: str | Path, qtype: Q | s
     w.write_tensors_to_file()
     w.close()
     return out_path
+
+
+def _common_params(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
+    heads, kv_heads = _head_counts(cfg)
+    w.add_block_count(int(cfg["num_hidden_layers"]))
+    if "max_position_embeddings" in cfg:
+        w.add_context_length(int(cfg["max_position_embeddings"]))
+    w.add_embedding_length(int(cfg["hidden_size"]))
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(heads)
+    if cfg.get("num_key_value_heads") is not None:
+        w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    if cfg.get("head_dim") is not None:
+        w.add_key_length(int(cfg["head_dim"]))
+        w.add_value_length(int(cfg["head_dim"]))
+
+
+def _llama_params(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: gguf.MODEL_ARCH) -> None:
+    _common_params(w, cfg)
+    heads, _ = _head_counts(cfg)
+    if (theta := _rope_theta(cfg)) is not None:
+        w.add_rope_freq_base(theta)
+    if arch == gguf.MODEL_ARCH.LLAMA:
+        w.add_vocab_size(int(cfg["vocab_size"]))
+    w.add_rope_dimension_count(int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads))
+
+
+def _check_gemma(cfg: dict[str, Any], arch: gguf.MODEL_ARCH) -> None:
+    """Refuse what llama.cpp would run differently from transformers (it has no key for it)."""
+    period, wide_layers, theta = GEMMA_ARCHS[arch]
+    heads, _ = _head_counts(cfg)
+    layers = int(cfg["num_hidden_layers"])
+    scalar = int(cfg["hidden_size"]) // heads if layers == wide_layers else int(cfg["head_dim"])
+    if cfg.get("query_pre_attn_scalar") != scalar:
+        raise ValueError(f"llama.cpp scales queries by 1/sqrt({scalar}), the config by "
+                         f"1/sqrt({cfg.get('query_pre_attn_scalar')})")
+    want = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers)]
+    if cfg.get("sliding_window") and cfg.get("layer_types", want) != want:
+        raise ValueError(f"llama.cpp makes every {period}th layer global, the config has "
+                         f"{cfg.get('layer_types')}")
+    if theta is not None and _rope_theta(cfg) not in (None, theta):
+        raise ValueError(f"llama.cpp uses rope base {theta} for {arch.name}, the config {_rope_theta(cfg)}")
+
+
+def _gemma_params(w: gguf.GGUFWriter, cfg: dict[str, Any], arch: gguf.MODEL_ARCH) -> None:
+    _common_params(w, cfg)
+    if arch == gguf.MODEL_ARCH.GEMMA2:
+        w.add_attn_logit_softcapping(float(cfg["attn_logit_softcapping"]))
+        w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+        w.add_sliding_window(int(cfg["sliding_window"]))
+        return
+    rope = cfg.get("rope_parameters") or {}
+    full = rope.get("full_attention", rope)
+    if full.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(full["factor"]))
+    w.add_rope_freq_base(float(full.get("rope_theta", 1_000_000.0)))
+    if (local := rope.get("sliding_attention", {}).get("rope_theta")) is not None:
+        w.add_rope_freq_base_swa(float(local))
+    if cfg.get("attn_logit_softcapping") is not None:
+        raise ValueError("Gemma 3 has no attention soft-capping (llama.cpp's converter asserts it)")
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(int(cfg["sliding_window"]))
+
+
+def _phi3_params(w: gguf.GGUFWriter, cfg: dict[str, Any]) -> None:
+    _common_params(w, cfg)
+    heads, _ = _head_counts(cfg)
+    rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    orig = int(cfg.get("original_max_position_embeddings") or rope["original_max_position_embeddings"])
+    w.add_rope_scaling_orig_ctx_len(orig)
+    partial = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    w.add_rope_dimension_count(int(partial * int(cfg["hidden_size"])) // heads)
+    w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
+    w.add_sliding_window(int(cfg.get("sliding_window") or 0))
+    if rope.get("rope_type", rope.get("type")) in ("longrope", "su"):
+        scale = int(cfg["max_position_embeddings"]) / orig
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig))
+                                        if scale > 1.0 else 1.0)
+        for kind in ("long", "short"):
+            factors = np.asarray(rope[f"{kind}_factor"], dtype=np.float32)
+            w.add_tensor(f"rope_factors_{kind}.weight", factors, raw_dtype=Q.F32)

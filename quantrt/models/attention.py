@@ -5,6 +5,10 @@ A batch is a flat list of new tokens (``T``) from ``B`` sequences; per sequence 
 gives where its new tokens start (``query_start_loc``), its total length after this step
 (``context_lens``) and its block table.  ``slot_mapping`` says where each new token's K/V
 is written (``block * block_size + offset``).
+
+Options per call (so per layer): a sliding window (the last ``sliding_window`` keys only)
+and a soft-cap of the scores (``cap * tanh(scores / cap)``, Gemma 2).  The KV cache keeps
+every key of a sliding layer too: correct, not minimal.
 """
 from __future__ import annotations
 
@@ -46,8 +50,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 def _context_plan(meta: AttentionMetadata, block_size: int, device: torch.device,
                   sliding_window: int | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Per sequence: the flat cache slots of its context and its attention mask (None when
-    every query sees every key).  The same for every layer, so computed once per step."""
-    plan = getattr(meta, "_ref_plan", None)
+    every query sees every key).  The same for every layer with this window, so computed
+    once per step and window."""
+    plans = meta.__dict__.setdefault("_ref_plans", {})
+    plan = plans.get(sliding_window)
     if plan is not None:
         return plan
     plan = []
@@ -64,18 +70,24 @@ def _context_plan(meta: AttentionMetadata, block_size: int, device: torch.device
             if sliding_window is not None:
                 mask &= (qpos - kpos) < sliding_window
         plan.append((slots, mask))
-    meta._ref_plan = plan
+    plans[sliding_window] = plan
     return plan
+
+
+def _capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return scores if softcap is None else torch.tanh(scores / softcap) * softcap
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float,
-                        sliding_window: int | None = None) -> torch.Tensor:
+                        sliding_window: int | None = None,
+                        softcap: float | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached context.
 
     q: [T, heads, head_dim] -> [T, heads, head_dim].  Query ``i`` of a sequence with
     ``c`` cached tokens and ``n`` new ones sits at position ``c - n + i`` and sees keys
     ``0 ..= c - n + i`` (only the last ``sliding_window`` of them when a window is set).
+    ``softcap``: scores (after ``scale``) become ``softcap * tanh(scores / softcap)``.
     """
     nb, block_size, kv_heads, head_dim = k_cache.shape
     heads = q.shape[1]
@@ -97,8 +109,18 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             # matmuls (SDPA's GQA path on CPU costs several times more at this size).
             qh = q[start].view(kv_heads, group, head_dim)
             scores = torch.matmul(qh, k.permute(1, 2, 0)) * scale          # [Hk, G, ctx]
-            o = torch.matmul(scores.softmax(-1), v.transpose(0, 1))        # [Hk, G, D]
-            outs.append(o.reshape(1, heads, head_dim))
+            o = torch.matmul(_capped(scores, softcap).softmax(-1), v.transpose(0, 1))
+            outs.append(o.reshape(1, heads, head_dim))                     # [Hk, G, D]
+        elif softcap is not None:
+            # SDPA has no soft-cap: scores, cap, mask, softmax (in fp32, as transformers).
+            qs = q[start:start + qlen].transpose(0, 1)                      # [H, q, D]
+            kh = k.transpose(0, 1).repeat_interleave(group, dim=0)          # [H, ctx, D]
+            vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+            scores = _capped(torch.matmul(qs, kh.transpose(1, 2)) * scale, softcap)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            o = torch.matmul(scores.float().softmax(-1).to(q.dtype), vh)
+            outs.append(o.transpose(0, 1))
         else:
             qs = q[start:start + qlen].transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, k.transpose(0, 1), v.transpose(0, 1),
@@ -142,24 +164,26 @@ def _split(meta: AttentionMetadata) -> tuple[torch.Tensor, AttentionMetadata, to
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """The models' attention.  On CUDA, decode rows run the Triton paged decode kernel
     (device-side lengths: CUDA-graph safe); in a step that mixes decodes with prefill
     chunks, only the prefill rows take the torch reference (its per-sequence loop would
     otherwise run for every decoding sequence too).  Elsewhere: the torch reference."""
     if not q.is_cuda:
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
     from quant_kernels.paged_attention import paged_decode_attention
 
     if meta.max_query_len == 1:
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                      scale, sliding_window)
+                                      scale, sliding_window, softcap=softcap)
     if 1 not in meta.query_lens_host:
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
     dec_rows, dec_meta, pre_rows, pre_meta = _split(meta)
     out = torch.empty_like(q)
     out[dec_rows] = paged_decode_attention(q[dec_rows], k_cache, v_cache, dec_meta.block_tables,
-                                           dec_meta.context_lens, scale, sliding_window)
+                                           dec_meta.context_lens, scale, sliding_window,
+                                           softcap=softcap)
     out[pre_rows] = paged_attention_ref(q[pre_rows], k_cache, v_cache, pre_meta, scale,
-                                        sliding_window)
+                                        sliding_window, softcap)
     return out

@@ -1,5 +1,6 @@
 """Building blocks shared by every model: quantization-agnostic linear and embedding
-layers, RMSNorm and rotary embeddings.
+layers, RMSNorm, rotary embeddings (default, linear, llama3, yarn, longrope) and the
+gated-MLP activations.
 
 ``QuantLinear`` and ``VocabEmbedding`` hold no format logic: their quantization method
 (chosen by the checkpoint's :class:`~quantrt.quant.base.QuantConfig`) creates, loads,
@@ -99,11 +100,19 @@ class VocabEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, params_dtype: torch.dtype, prefix: str = "") -> None:
+    """RMSNorm; ``offset`` is added to the checkpoint's weight on load (Gemma's HF checkpoints
+    store ``multiplier - 1``).  ``fp32``: keep the weight in fp32 and scale before casting back
+    to the activation dtype, as Gemma does (Llama casts first, then scales)."""
+
+    def __init__(self, size: int, eps: float, params_dtype: torch.dtype, prefix: str = "", *,
+                 offset: float = 0.0, fp32: bool = False) -> None:
         super().__init__()
         self.eps = eps
         self.prefix = prefix
-        self.weight = nn.Parameter(torch.empty(size, dtype=params_dtype), requires_grad=False)
+        self.offset = offset
+        self.fp32 = fp32
+        dtype = torch.float32 if fp32 else params_dtype
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
         self.tracker = ShardTracker(expected={("weight", 0)})
 
     def load(self, name: str, tensor: Any, shard: int = 0) -> None:
@@ -111,20 +120,24 @@ class RMSNorm(nn.Module):
         if name != "weight" or tuple(t.shape) != tuple(self.weight.shape):
             raise FormatError(f"tensor {self.prefix}.{name} has shape {tuple(t.shape)}, "
                               f"expected {tuple(self.weight.shape)}")
-        self.weight.data.copy_(t)
+        # the offset is added in fp32: 1 + w must not round in a 16-bit checkpoint dtype
+        self.weight.data.copy_(t.float() + self.offset if self.offset else t)
         self.tracker.mark("weight", 0)
 
     def process_weights_after_loading(self, device: torch.device) -> None:
         self.weight = nn.Parameter(self.weight.data.to(device), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32:
+            return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
         # One fused op; it normalises in fp32 internally like HF's LlamaRMSNorm.
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (and the attention scaling factor yarn asks for)."""
-    inv = 1.0 / (rope.theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+    """Inverse frequencies (and the factor cos/sin are scaled by: yarn, longrope)."""
+    exponents = torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim
+    inv = 1.0 / (rope.theta ** exponents)
     scale = 1.0
     if rope.rope_type == "linear":
         inv = inv / rope.factor
@@ -148,6 +161,10 @@ def rope_inv_freq(rope: RopeConfig, rot_dim: int) -> tuple[torch.Tensor, float]:
         extrapolate = 1 - ramp.clamp(0, 1)
         inv = inv / rope.factor * (1 - extrapolate) + inv * extrapolate
         scale = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+    elif rope.rope_type == "longrope":
+        # the short factors; RotaryEmbedding builds the long table itself
+        inv = 1.0 / (torch.tensor(rope.short_factor) * rope.theta ** exponents)
+        scale = rope.attention_factor if rope.attention_factor is not None else 1.0
     elif rope.rope_type == "dynamic":
         pass  # NTK-dynamic only changes frequencies beyond the trained context; applied per length
     return inv, scale
@@ -157,7 +174,12 @@ class RotaryEmbedding(nn.Module):
     """Rotate-half (NeoX) rotary embedding over the first ``rot_dim`` dims of each head.
 
     cos/sin tables are precomputed for every position; ``tables(positions)`` is looked up
-    once per forward and shared by all layers."""
+    once per forward and shared by all layers that use this rotary.
+
+    longrope (Phi-3) has a second table from its long factors.  As transformers does, a
+    step uses the long one for every token of a sequence whose context after the step
+    exceeds the original length (so a cached key keeps the rotation it was written with;
+    llama.cpp instead picks one table for the whole run from the context size)."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, rot_dim: int, max_positions: int) -> None:
         super().__init__()
@@ -167,34 +189,57 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
         self._build(None)
 
+    def _table(self, inv: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.arange(self.max_positions, dtype=torch.float32)
+        emb = torch.cat((torch.outer(t, inv),) * 2, dim=-1)
+        return emb.cos() * scale, emb.sin() * scale
+
     def _build(self, freq_factors: torch.Tensor | None) -> None:
         inv, scale = rope_inv_freq(self.rope, self.rot_dim)
         if freq_factors is not None:
             inv = inv / freq_factors.float().to(inv.device)
-        t = torch.arange(self.max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)
-        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        cos, sin = self._table(inv, scale)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        if self.rope.rope_type == "longrope":
+            exponents = torch.arange(0, self.rot_dim, 2, dtype=torch.int64).float() / self.rot_dim
+            long_inv = 1.0 / (torch.tensor(self.rope.long_factor) * self.rope.theta ** exponents)
+            cos, sin = self._table(long_inv, scale)
+            self.register_buffer("cos_long", cos, persistent=False)
+            self.register_buffer("sin_long", sin, persistent=False)
 
     def set_freq_factors(self, factors: torch.Tensor) -> None:
         """Per-frequency divisors, as Llama 3.1+ GGUFs store their rope scaling
         (``rope_freqs.weight``, one value per rotated pair) instead of config keys."""
         if tuple(factors.shape) != (self.rot_dim // 2,):
-            from quantrt.errors import FormatError
-
             raise FormatError(f"rope_freqs.weight has shape {tuple(factors.shape)}, expected "
                               f"({self.rot_dim // 2},)")
         device = self.cos.device
         self._build(factors)
         self.to(device)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype,
+               meta: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin as [T, 1, rot_dim] in ``dtype``."""
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        cos, sin = self.cos[positions], self.sin[positions]
+        if self.rope.rope_type == "longrope":
+            long = (self._context_ends(positions, meta) > self.rope.original_max_position)[:, None]
+            cos = torch.where(long, self.cos_long[positions], cos)
+            sin = torch.where(long, self.sin_long[positions], sin)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         if dtype != cos.dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)
         return cos, sin
+
+    @staticmethod
+    def _context_ends(positions: torch.Tensor, meta: Any) -> torch.Tensor:
+        """Per token: its sequence's length after this step.  A decode-only step (the one
+        CUDA graphs capture) needs no host data: each row is its own sequence."""
+        if meta is None or meta.max_query_len <= 1:
+            return positions + 1
+        counts = torch.tensor(meta.query_lens_host, device=positions.device)
+        return torch.repeat_interleave(meta.context_lens.to(positions.device, torch.int64),
+                                       counts, output_size=positions.shape[0])
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim] (any number of heads: q and k can go together)."""
@@ -211,3 +256,11 @@ class RotaryEmbedding(nn.Module):
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def act_and_mul(x: torch.Tensor, act: str) -> torch.Tensor:
+    """Gated MLP activation over ``[gate | up]``: SwiGLU (silu) or GeGLU (gelu / gelu_tanh)."""
+    if act == "silu":
+        return silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh" if act == "gelu_tanh" else "none") * up
