@@ -125,6 +125,15 @@ def _resolve(ggml_type: int) -> type[GGMLBlockType]:
     return cls
 
 
+# Types whose block math is plain tensor ops on the data's own device (no lookup tables).
+DEVICE_SAFE = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
+               Q.Q6_K, Q.Q8_K}
+
+
+def qtype_of(cls: type[GGMLBlockType]) -> Q:
+    return Q(int(cls.ggml_type))
+
+
 def dequantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...] | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantize GGML data to a float tensor.
@@ -151,6 +160,10 @@ def dequantize(data: torch.Tensor, ggml_type: int, shape: tuple[int, ...] | None
     if row_bytes % cls.type_size:
         raise FormatError(f"{cls.ggml_type.name} tensor rows have {row_bytes} bytes, "
                           f"not a multiple of the {cls.type_size}-byte block")
+    if data.device.type != "cpu" and qtype_of(cls) not in DEVICE_SAFE:
+        # the codebook types' tables live on the CPU: dequantize there (correct, not fast;
+        # the fused GPU kernels cover the common types)
+        return dequantize(data.cpu(), ggml_type, shape, dtype).to(data.device)
     out = cls.dequantize_bytes(data.contiguous())
     out_shape = (*lead, row_bytes // cls.type_size * cls.block_size)
     out = out.reshape(out_shape) if shape is None else _reshape(out, shape, cls)

@@ -114,13 +114,13 @@ def split_bits(x: torch.Tensor, shifts: range | list[int], mask: int) -> torch.T
     This is gguf-py's ``reshape(..., 1, m) >> array(shifts).reshape(..., k, 1)`` idiom;
     callers reshape the result exactly as gguf-py does, which fixes the element order.
     """
-    s = torch.tensor(list(shifts), dtype=x.dtype).reshape(-1, 1)
+    s = torch.tensor(list(shifts), dtype=x.dtype, device=x.device).reshape(-1, 1)
     return (x.unsqueeze(-2) >> s) & mask
 
 
 def split_bits_last(x: torch.Tensor, shifts: range | list[int], mask: int) -> torch.Tensor:
     """``(x[..., :, None] >> shifts) & mask``: the new dim goes last (bits of one byte adjacent)."""
-    s = torch.tensor(list(shifts), dtype=x.dtype)
+    s = torch.tensor(list(shifts), dtype=x.dtype, device=x.device)
     return (x.unsqueeze(-1) >> s) & mask
 
 
