@@ -1,6 +1,6 @@
 """Gemma 2 and Gemma 3 (text) against transformers on the same random-init weights (fp32).
 
-* safetensors checkpoints with odd sizes (hidden 72, head_dim 32 != hidden / heads, query
+* safetensors checkpoints (measured <= 4.3e-7) with odd sizes (hidden 72, head_dim 32 != hidden / heads, query
   scale from query_pre_attn_scalar=20, a window of 6 tokens; Gemma 3: two sliding layers
   with their own rope base then a global one with linear rope scaling; Gemma 2: alternating
   layers, attention and final soft-caps small enough to bend these models' scores): prompt
@@ -11,9 +11,9 @@
 * the same architectures at GGUF-able sizes as GGUF Q8_0 / Q4_0 written the way llama.cpp's
   converter writes them (norm +1, no output.weight, Gemma 3's trimmed vocabulary) and as
   4-bit GPTQ / AWQ checkpoints: with ``kernels="reference"`` logits agree with transformers
-  holding the dequantized weights to ``TOL`` (measured <= 1.1e-6) and greedy tokens are
+  holding the dequantized weights to ``TOL`` (measured <= 1.0e-6) and greedy tokens are
   identical; with the default kernels (CPU: tinygemm int4 with bf16 activations for prompts
-  of <= 32 rows) to ``DEFAULT_KERNEL_TOL`` (measured <= 1.8e-2 on logits of magnitude <= 0.9);
+  of <= 32 rows) to ``DEFAULT_KERNEL_TOL`` (measured <= 1.5e-2 on logits of magnitude <= 0.9);
 * GGUF metadata conventions, BOS from GGUF metadata, inspect, and the Triton decode kernel's
   soft-cap against the torch reference.
 """
@@ -29,6 +29,7 @@ import torch
 from tests.gguf_writer import convert_hf_to_gguf
 from tests.tiny_models import (
     QUANT_FORMATS,
+    check_cuda_engine,
     engine,
     hf_greedy,
     hf_logits,
@@ -335,3 +336,10 @@ def test_softcap_decode_kernel_interpreted():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_softcap_decode_kernel_gpu(dtype):
     _kernel_case("cuda", dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_engine_matches_transformers(odd):
+    """Soft-capped and per-layer-windowed decode steps in the Triton kernel, under CUDA graphs."""
+    path, _, hf = odd
+    check_cuda_engine(path, hf, (4, 11, 23))
