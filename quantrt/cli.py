@@ -190,6 +190,53 @@ def estimate_command(source: str, methods: tuple[str, ...], gpu, gpu_memory, num
     click.echo(json.dumps(est.to_dict(), indent=2) if as_json else est.table())
 
 
+@main.command("serve")
+@click.argument("source")
+@_common
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="0 picks a free port (printed at startup).")
+@click.option("--api-key", envvar="QUANTRT_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 (or set QUANTRT_API_KEY).")
+@click.option("--served-model-name", default=None,
+              help="Model name in the API (default: SOURCE as given).")
+@click.option("--max-model-len", type=click.IntRange(min=1), default=None,
+              help="Context length per sequence (default: the model's).")
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Sequences in the running batch.")
+@click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
+              default=None, help="Fraction of GPU memory this server may use; the KV cache "
+                                 "gets what the weights and activations leave.")
+@click.option("--kv-cache-memory", default=None,
+              help="KV-cache size, bytes or e.g. 4GiB (default: 1 GiB on CPU, 40% of free "
+                   "GPU memory).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0,
+              show_default=True, help="Seconds in-flight requests get after SIGTERM before "
+                                      "they are aborted.")
+@click.option("--uvicorn-log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]))
+def serve_command(source: str, quantization, device, dtype, kernels, host: str, port: int,
+                  api_key, served_model_name, max_model_len, max_num_seqs: int,
+                  gpu_memory_utilization, kv_cache_memory, shutdown_timeout: float,
+                  uvicorn_log_level: str) -> None:
+    """Serve SOURCE over an OpenAI-compatible HTTP API (/v1/completions,
+    /v1/chat/completions, /v1/models, /health, /metrics)."""
+    if not math.isfinite(shutdown_timeout):
+        raise ConfigError(f"--shutdown-timeout must be finite, got {shutdown_timeout}")
+    try:
+        from quantrt.server.launch import build_engine, serve
+    except ImportError as exc:
+        raise ConfigError(f"the server needs the 'serve' extra ({exc.name} is missing)",
+                          hint="pip install 'quantrt[serve]'") from None
+
+    engine = build_engine(source, quantization, device, dtype, kernels,
+                          max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          kv_cache_memory=kv_cache_memory,
+                          gpu_memory_utilization=gpu_memory_utilization)
+    serve(engine, served_model_name or source, host=host, port=port, api_key=api_key,
+          shutdown_timeout=shutdown_timeout, log_level=uvicorn_log_level)
+
+
 from quantrt.convert.cli_commands import register as _register_convert  # noqa: E402
 
 _register_convert(main)  # quantrt convert, quantrt eval ppl

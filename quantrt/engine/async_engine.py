@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from quantrt.engine.inputs import one_prompt
 from quantrt.engine.llm_engine import EngineConfig, LLMEngine, StepOutput
@@ -29,6 +29,8 @@ from quantrt.engine.outputs import (
 )
 from quantrt.engine.sequence import FinishReason, SamplingParams, Sequence
 from quantrt.errors import ConfigError, QuantrtError
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -51,6 +53,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self._requests: dict[str, _Request] = {}
         self._ops: list[tuple[str, str]] = []            # ("add" | "abort", request id)
+        self._jobs: list[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = []
         self._ids = itertools.count()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantrt-engine")
         self._task: asyncio.Task | None = None
@@ -112,6 +115,16 @@ class AsyncLLMEngine:
         if request_id in self._requests:
             self._submit("abort", request_id)
 
+    async def run_exclusive(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine's worker thread between two steps, so that it
+        may use the model and the KV cache (e.g. log-probabilities of an echoed prompt)
+        without racing a step.  Its exception, if any, is raised here; the engine goes on."""
+        self._check_alive()
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.append((fn, future))
+        self._kick()
+        return await future
+
     async def shutdown(self) -> None:
         """Abort what is running, stop the background task and the worker thread."""
         self._closing = True
@@ -127,6 +140,11 @@ class AsyncLLMEngine:
     def num_unfinished(self) -> int:
         return len(self._requests)
 
+    @property
+    def alive(self) -> bool:
+        """False after a failed step or a shutdown: generate() would raise EngineDeadError."""
+        return self._error is None and not self._closing
+
     # -- the background task ----------------------------------------------------------------
     def _check_alive(self) -> None:
         if self._error is not None:
@@ -136,6 +154,9 @@ class AsyncLLMEngine:
 
     def _submit(self, op: str, request_id: str) -> None:
         self._ops.append((op, request_id))
+        self._kick()
+
+    def _kick(self) -> None:
         if self._error is not None or self._closing:
             return                        # nothing steps any more; shutdown answers the rest
         if self._task is None or self._task.done():
@@ -152,9 +173,10 @@ class AsyncLLMEngine:
         loop = asyncio.get_running_loop()
         while not self._closing:
             self._apply_ops()
+            await self._run_jobs(loop)
             if not self.engine.has_unfinished():
                 self._wake.clear()
-                if not self._ops and not self._closing:
+                if not self._ops and not self._jobs and not self._closing:
                     await self._wake.wait()
                 continue
             try:
@@ -164,9 +186,30 @@ class AsyncLLMEngine:
                 for req in self._requests.values():
                     req.queue.put_nowait(EngineDeadError(f"engine step failed: {exc!r}"))
                 self._requests.clear()
+                self._fail_jobs()
                 return
             self._publish(outputs)
         self._abort_all()
+
+    async def _run_jobs(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs, self._jobs = self._jobs, []
+        for fn, future in jobs:
+            if future.done():                 # its caller went away
+                continue
+            try:
+                result = await loop.run_in_executor(self._executor, fn, self.engine)
+            except Exception as exc:  # noqa: BLE001 -- the caller's error, not the engine's
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+    def _fail_jobs(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        for _, future in jobs:
+            if not future.done():
+                future.set_exception(EngineDeadError("the engine stopped before running this job"))
 
     def _apply_ops(self) -> None:
         ops, self._ops = self._ops, []
@@ -211,3 +254,4 @@ class AsyncLLMEngine:
     def _abort_all(self) -> None:
         for req in list(self._requests.values()):
             self._abort(req)
+        self._fail_jobs()

@@ -1,0 +1,133 @@
+"""``quantrt serve``: load the model, size the KV cache, run uvicorn with a graceful drain.
+
+On SIGTERM (or the first Ctrl-C) the server stops taking connections and new requests get
+503; requests in flight get ``shutdown_timeout`` seconds to finish, then the engine aborts
+them, so every stream still ends well-formed (a last chunk with finish_reason "abort" and
+``[DONE]``) and every non-streaming request gets its answer so far.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from quantrt.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'1073741824', '512MiB', '1.5GiB', '2G' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m and _UNITS.get(m.group(2).lower())
+    if not m or unit is None:
+        raise ConfigError(f"--kv-cache-memory {text!r} is not a size",
+                          hint="give bytes or a number with KiB/MiB/GiB (e.g. 2GiB)")
+    size = int(float(m.group(1)) * unit)
+    if size < 1:
+        raise ConfigError(f"--kv-cache-memory must be positive, got {text!r}")
+    return size
+
+
+def kv_budget_for_utilization(lm: Any, utilization: float, max_num_seqs: int,
+                              max_num_batched_tokens: int) -> int:
+    """KV-cache bytes such that this process stays within ``utilization`` of the GPU's
+    memory, as vLLM's --gpu-memory-utilization means it: the fraction left after what is
+    in use now (the loaded weights, the CUDA context, other processes), less room for one
+    forward pass of max_num_batched_tokens and the running batch's logits."""
+    import torch
+
+    if lm.device.type != "cuda":
+        raise ConfigError("--gpu-memory-utilization applies to a CUDA device",
+                          hint="on CPU, size the KV cache with --kv-cache-memory")
+    free, total = torch.cuda.mem_get_info(lm.device)
+    cfg = lm.config
+    width = torch.finfo(lm.dtype).bits // 8
+    # Live activations of a prefill chunk (residual, norms, q/k/v/o and the MLP's three
+    # intermediate-size tensors) plus fp32 logits and sampling copies of the batch.
+    activations = max_num_batched_tokens * (8 * cfg.hidden_size + 3 * cfg.intermediate_size) \
+        * width + max_num_seqs * cfg.vocab_size * 4 * 3
+    reserve = activations + (768 << 20)      # cuBLAS workspaces, CUDA graphs, allocator slack
+    budget = int(utilization * total) - (total - free) - reserve
+    if budget <= 0:
+        raise ConfigError(f"--gpu-memory-utilization {utilization} leaves no room for the KV "
+                          f"cache: {(total - free) / 2**30:.2f} GiB of {total / 2**30:.2f} GiB "
+                          f"is in use and {reserve / 2**30:.2f} GiB is kept for activations",
+                          hint="raise it, or set --kv-cache-memory")
+    return budget
+
+
+def build_engine(source: str, quantization: str | None, device: str | None, dtype: str,
+                 kernels: str, *, max_model_len: int | None, max_num_seqs: int,
+                 kv_cache_memory: str | None, gpu_memory_utilization: float | None) -> Any:
+    from quantrt.engine.async_engine import AsyncLLMEngine
+    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
+    from quantrt.loader import load
+
+    if kv_cache_memory is not None and gpu_memory_utilization is not None:
+        raise ConfigError("give --kv-cache-memory or --gpu-memory-utilization, not both")
+    options: dict[str, Any] = {"max_num_seqs": max_num_seqs, "max_model_len": max_model_len}
+    if kv_cache_memory is not None:
+        options["kv_cache_memory"] = parse_size(kv_cache_memory)
+    config = EngineConfig.from_options(**options)          # bad values fail before the load
+    lm = load(source, quantization, device=device, dtype=dtype,
+              kernels=kernels)
+    if gpu_memory_utilization is not None:
+        config = EngineConfig.from_options(**options, kv_cache_memory=kv_budget_for_utilization(
+            lm, gpu_memory_utilization, config.max_num_seqs, config.max_num_batched_tokens))
+    return AsyncLLMEngine(LLMEngine(lm, config))
+
+
+def serve(engine: Any, model_name: str, *, host: str, port: int, api_key: str | None,
+          shutdown_timeout: float, log_level: str = "info") -> None:
+    """Run until SIGTERM/SIGINT; returns after the drain and the engine's shutdown."""
+    from quantrt.server.app import build_app
+
+    app = build_app(engine, model_name, api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            # A backstop only: our drain ends every request before this.
+                            timeout_graceful_shutdown=shutdown_timeout + 10)
+    DrainingServer(config, app.state.quantrt, shutdown_timeout).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server with a drain on the first exit signal (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, state: Any, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+        if self.started and self.servers:
+            # The real port (--port 0 picks a free one): scripts and tests read this line.
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(f"quantrt: serving {self.state.model_name!r} at http://{host}:{port}/v1",
+                  flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # Runs as a signal handler: hand the work to the event loop.
+        if not self._draining and self._loop is not None and sig in (signal.SIGTERM,
+                                                                     signal.SIGINT):
+            self._draining = True
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self.state.draining = True
+
+        def stop() -> None:
+            # Aborts what still runs; each stream then gets its last output and ends.
+            asyncio.ensure_future(self.state.engine.shutdown())
+
+        self._loop.call_later(self.shutdown_timeout, stop)
