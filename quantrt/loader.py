@@ -284,12 +284,14 @@ def _load_hf(src: ModelSource, quantization: str | None, device: Any, dtype: Any
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev, cfg.checkpoint_dtype)
     model = build_model(cfg, qc, torch_dtype)
-    tie = cfg.tie_word_embeddings or "lm_head.weight" not in ckpt
     keys = ckpt.keys()
+    tie = cfg.tie_word_embeddings or not any(model.canonical_name(n) == "lm_head.weight"
+                                             for n in keys)
     for name, tensor in _progress(ckpt.items(), len(keys), "loading", show):
-        if name.endswith(HF_IGNORED_SUFFIXES) or (tie and name == "lm_head.weight"):
+        ours = model.canonical_name(name)
+        if ours is None or ours.endswith(HF_IGNORED_SUFFIXES) or (tie and ours == "lm_head.weight"):
             continue
-        _load_one(model, name, tensor, ckpt.info(name)[2])
+        _load_one(model, ours, tensor, ckpt.info(name)[2])
     _finish(model, dev, str(src.path), tie)
     tok = Tokenizer.from_pretrained_dir(str(src.path))
     return LoadedModel(model.eval(), cfg, qc, tok, src, dev, torch_dtype, detected,

@@ -246,6 +246,37 @@ def test_inspect_shows_architecture_settings(odd):
         assert "linear x2" in text and "on 2 of 3 layers" in text
 
 
+def test_gemma3_multimodal_checkpoint_runs_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration (the 4B+ checkpoints): the text model's tensors under
+    language_model.*, a vision tower and projector that a text model skips."""
+    import transformers
+
+    from tests.tiny_models import ARCHS, VOCAB
+
+    torch.manual_seed(23)
+    text = {**ARCHS["gemma3"][2], "vocab_size": VOCAB, "hidden_size": 72, "intermediate_size": 136,
+            "num_attention_heads": 3, "num_key_value_heads": 1, "max_position_embeddings": 256,
+            "bos_token_id": 256, "eos_token_id": 257}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 28, "patch_size": 14}
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=299, boi_token_index=298,
+                                    eoi_token_index=297)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "mm")
+    save_bpe_tokenizer(tmp_path / "mm", add_bos=True)
+    eng = engine(tmp_path / "mm")
+    assert eng.lm.config.architecture == "Gemma3ForConditionalGeneration"
+    assert eng.lm.config.layer_types == ("sliding_attention", "sliding_attention", "full_attention")
+    for length in (1, 7, 23):
+        ids = prompt(length, seed=8)
+        assert (our_logits(eng, ids) - hf_logits(hf, ids)).abs().max().item() < TOL
+
+
 # -- config and metadata conventions ------------------------------------------------------------
 def test_gemma3_transformers_4_layout_parses_like_5():
     import transformers

@@ -126,6 +126,10 @@ class DecoderForCausalLM(nn.Module):
     fp32_norms: ClassVar[bool] = False
     # the checkpoint stores qkv_proj and gate_up_proj fused (Phi-3) instead of q/k/v, gate/up
     fused_checkpoint: ClassVar[bool] = False
+    # (checkpoint prefix, ours): multimodal checkpoints keep the text model under other names
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # tensors of other modalities, which a text model does not load
+    ignored_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: ModelConfig, qc: QuantConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -188,6 +192,16 @@ class DecoderForCausalLM(nn.Module):
             if hasattr(module, "load"):
                 names += getattr(module, "shard_prefixes", [module.prefix])
         return names
+
+    def canonical_name(self, name: str) -> str | None:
+        """A checkpoint tensor's name as a text-only HF checkpoint spells it, or None for a
+        tensor of another modality."""
+        if name.startswith(self.ignored_prefixes):
+            return None
+        for old, new in self.checkpoint_renames:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
 
     def resolve(self, hf_name: str) -> tuple[nn.Module, str, int] | None:
         """Map an HF tensor name to (module, tensor name within it, shard) or None if unused."""

@@ -19,4 +19,9 @@ class Gemma2ForCausalLM(DecoderForCausalLM):
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
-    pass
+    # Gemma3ForConditionalGeneration checkpoints: transformers 4.x names (which 5.x also
+    # writes) and 5.x's in-memory ones; the vision tower and projector are not loaded.
+    checkpoint_renames = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                          ("model.language_model.", "model."))
+    ignored_prefixes = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                        "model.multi_modal_projector.")

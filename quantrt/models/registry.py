@@ -61,13 +61,19 @@ ARCHITECTURES = (
                  ("head_dim", 256), ("query_pre_attn_scalar", 256), ("sliding_window", 4096),
                  ("final_logit_softcapping", 30.0), ("attn_logit_softcapping", 50.0),
                  ("hidden_activation", "gelu_pytorch_tanh"), ("tie_word_embeddings", True))),
-    ArchInfo("gemma3", ("Gemma3ForCausalLM",), ("gemma3",), model="gemma:Gemma3ForCausalLM",
+    # ForConditionalGeneration: the multimodal checkpoints (4B and up); we run their text model
+    ArchInfo("gemma3", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), ("gemma3",),
+             model="gemma:Gemma3ForCausalLM",
              family="gemma3", qk_norm=True, norm_offset=1.0, embed_scale=True,
              attn_softcap=False, swa_period=6, local_rope=True, activation="gelu_tanh",
              gguf_wide_query_layers=(62,), hf_defaults=(
                  ("head_dim", 256), ("query_pre_attn_scalar", 256), ("sliding_window", 4096),
                  ("rope_theta", 1_000_000.0), ("rope_local_base_freq", 10000.0),
-                 ("hidden_activation", "gelu_pytorch_tanh"), ("tie_word_embeddings", True)),
+                 ("hidden_activation", "gelu_pytorch_tanh"), ("tie_word_embeddings", True),
+                 # a multimodal config's text_config states only what differs from these
+                 ("vocab_size", 262_208), ("hidden_size", 2304), ("intermediate_size", 9216),
+                 ("num_hidden_layers", 26), ("num_attention_heads", 8),
+                 ("num_key_value_heads", 4), ("max_position_embeddings", 131_072)),
              # llama.cpp's fixed base for Gemma 3's sliding layers when the file names none
              gguf_defaults=(("rope.freq_base_swa", 10000.0),)),
     ArchInfo("phi3", ("Phi3ForCausalLM",), ("phi3",), model="phi3:Phi3ForCausalLM",
