@@ -12,7 +12,7 @@ from quantrt.models.registry import GGUF_NAMES
 
 
 def config_from_gguf(meta: dict[str, Any], where: str,
-                        rope_factors: tuple[Any, Any] | None) -> ModelConfig:
+                     rope_factors: tuple[Any, Any] | None) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in GGUF_NAMES:
         raise ConfigError(f"unsupported GGUF architecture {arch!r}", where=where,
