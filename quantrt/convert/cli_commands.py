@@ -48,9 +48,15 @@ def convert_command(source: str, out: str, method: str, bits, group_size: int, s
     """Quantize or transcode SOURCE (HF directory, .gguf, 'demo') into OUT.
 
     OUT must not exist; it appears only when the conversion is complete."""
+    import signal
+    import sys
     import time
 
     from quantrt.convert import ConvertRequest, convert
+
+    # SIGTERM's default action skips Python's cleanup; as an exception it unwinds through
+    # the temp-directory removal like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     req = ConvertRequest(method, bits=bits, group_size=group_size, sym=sym,
                          act_order=act_order, algo=algo, calib=calib,
