@@ -10,26 +10,32 @@ from quantrt.engine.llm_engine import LLMEngine
 from quantrt.engine.outputs import TokenLogprob
 from quantrt.server.errors import APIError
 
-# Tokens of context decoded before each token: enough for a multi-byte character split over
-# several byte-level tokens and for SentencePiece's context-dependent leading space.
-_CONTEXT = 4
+# Tokens of context decoded before each token: enough for a character split over several
+# byte-level tokens (up to 4 bytes) and for SentencePiece's context-dependent leading space.
+_CONTEXT = 6
+_PENDING = "\ufffd"         # what decoding shows for the bytes of an unfinished character
 
 
 def token_pieces(tokenizer: Any, ids: list[int], context: list[int] = ()) -> list[str]:
     """The text each token adds after what precedes it (``context``, then the earlier ids).
 
     Decoding a token alone drops SentencePiece's leading space and splits multi-byte
-    characters, so each piece is the difference of two decodes of a short window.  Special
-    tokens are shown (``<|im_end|>``), as they are what the log-probability is about."""
+    characters, so each piece is the difference of two decodes of a short window.  A token
+    that ends inside a character adds "" and the token completing it carries the whole
+    character, so the pieces always join to the text (and offsets into it stay right).
+    Special tokens are shown (``<|im_end|>``): they are what the log-probability is about."""
     full = list(context[-_CONTEXT:]) + list(ids)
-    offset = len(full) - len(ids)
     pieces = []
-    for i in range(offset, len(full)):
+    for i in range(len(full) - len(ids), len(full)):
         window = full[max(0, i - _CONTEXT):i]
-        before = tokenizer.decode(window, skip_special_tokens=False) if window else ""
+        before = tokenizer.decode(window, skip_special_tokens=False).rstrip(_PENDING)
         after = tokenizer.decode(window + [full[i]], skip_special_tokens=False)
-        pieces.append(after[len(before):] if after.startswith(before) else
-                      tokenizer.decode([full[i]], skip_special_tokens=False))
+        if after.endswith(_PENDING):
+            pieces.append("")
+        elif after.startswith(before):
+            pieces.append(after[len(before):])
+        else:                # the window's decoding shifted (rare): the token on its own
+            pieces.append(tokenizer.decode([full[i]], skip_special_tokens=False))
     return pieces
 
 
