@@ -40,8 +40,9 @@ def read_text(path: str | os.PathLike) -> str:
     return text
 
 
-def window_nll(lm, ids: list[int]):
-    """Sum of -log p(ids[t] | ids[:t]) for t >= 1, and the count, for one prefill."""
+def prompt_logits(lm, ids: list[int]):
+    """Logits [T, vocab] (fp32, on the model's device) at every position of one prompt: a
+    single prefill into a private one-block KV cache, without the engine."""
     import torch
 
     from quantrt.models.attention import AttentionMetadata
@@ -52,17 +53,24 @@ def window_nll(lm, ids: list[int]):
     kv = [(torch.zeros(shape, dtype=lm.dtype, device=dev),
            torch.zeros(shape, dtype=lm.dtype, device=dev)) for _ in range(cfg.num_layers)]
     i32 = dict(dtype=torch.int32, device=dev)
-    # One sequence in one KV block of t slots: the prefill is the whole window.
+    # One sequence in one KV block of t slots: the prefill is the whole prompt.
     meta = AttentionMetadata(
         slot_mapping=torch.arange(t, dtype=torch.int64, device=dev),
         block_tables=torch.zeros(1, 1, **i32), context_lens=torch.tensor([t], **i32),
         query_start_loc=torch.tensor([0, t], **i32), context_lens_host=[t], query_lens_host=[t])
     with torch.no_grad():
-        ids_t = torch.tensor(ids, device=dev)
-        h = lm.model(ids_t, torch.arange(t, device=dev), kv, meta)
-        logits = lm.model.compute_logits(h[:-1]).float()
-        nll = torch.nn.functional.cross_entropy(logits, ids_t[1:], reduction="sum")
-    return float(nll), t - 1
+        h = lm.model(torch.tensor(ids, device=dev), torch.arange(t, device=dev), kv, meta)
+        return lm.model.compute_logits(h).float()
+
+
+def window_nll(lm, ids: list[int]):
+    """Sum of -log p(ids[t] | ids[:t]) for t >= 1, and the count, for one prefill."""
+    import torch
+
+    logits = prompt_logits(lm, ids)[:-1]
+    target = torch.tensor(ids[1:], device=logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    return float(nll), len(ids) - 1
 
 
 def perplexity(source, text_file, *, ctx: int = 512, max_windows: int | None = None,

@@ -49,24 +49,11 @@ def load_fixture(d: Path) -> Fixture:
 
 
 def prompt_logits(lm, ids: list[int]) -> torch.Tensor:
-    """Full-prompt logits [T, vocab] of a loaded model: one prefill of one sequence into a
-    private one-block KV cache (no engine, so these tests isolate the weights)."""
-    from quantrt.models.attention import AttentionMetadata
+    """Full-prompt logits [T, vocab] on the CPU (quantrt.eval's single prefill, no engine,
+    so these tests isolate the weights)."""
+    from quantrt.eval import prompt_logits as logits_on_device
 
-    cfg, dev = lm.config, lm.device
-    t = len(ids)
-    shape = (1, t, cfg.num_kv_heads, cfg.head_dim)
-    kv = [(torch.zeros(shape, dtype=lm.dtype, device=dev), torch.zeros(shape, dtype=lm.dtype, device=dev))
-          for _ in range(cfg.num_layers)]
-    i32 = dict(dtype=torch.int32, device=dev)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(t, dtype=torch.int64, device=dev),
-        block_tables=torch.zeros(1, 1, **i32), context_lens=torch.tensor([t], **i32),
-        query_start_loc=torch.tensor([0, t], **i32), context_lens_host=[t], query_lens_host=[t])
-    with torch.no_grad():
-        ids_t = torch.tensor(ids, device=dev)
-        h = lm.model(ids_t, torch.arange(t, device=dev), kv, meta)
-        return lm.model.compute_logits(h).float().cpu()
+    return logits_on_device(lm, ids).cpu()
 
 
 # -- broken copies of fixtures (bad-checkpoint tests) ------------------------------------
