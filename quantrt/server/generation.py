@@ -83,10 +83,11 @@ def sse(obj: dict[str, Any]) -> str:
 
 
 async def run_prompt(state: ServerState, prompt_ids: list[int], params: SamplingParams,
-                     request_id: str) -> AsyncIterator[RequestOutput]:
+                     request_id: str, arrival: float) -> AsyncIterator[RequestOutput]:
     """One engine request as delta outputs.  Leaving early (client gone, shutdown) aborts
-    it in the engine, which frees its KV blocks."""
-    tracker = state.metrics.track(len(prompt_ids))
+    it in the engine, which frees its KV blocks.  ``arrival``: perf_counter() when the HTTP
+    request came, the start of its time to first token."""
+    tracker = state.metrics.track(len(prompt_ids), arrival)
     stream = state.engine.generate(prompt_ids, params, request_id=request_id, delta=True)
     try:
         async for out in stream:
@@ -148,10 +149,11 @@ class Completion:
 
 
 async def gather(state: ServerState, prompts: list[list[int]], params: SamplingParams,
-                 request_id: str) -> list[list[Completion]]:
+                 request_id: str, arrival: float) -> list[list[Completion]]:
     """Run every prompt to the end; per prompt, its ``n`` completions."""
     results = [[Completion() for _ in range(params.n)] for _ in prompts]
-    streams = [run_prompt(state, ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompts)]
+    streams = [run_prompt(state, ids, params, f"{request_id}-{i}", arrival)
+               for i, ids in enumerate(prompts)]
     async for i, out in merged(streams):
         for c in out.outputs:
             results[i][c.index].add(c.text, c.token_ids, c.logprobs, c.finish_reason)

@@ -79,8 +79,8 @@ class ServerMetrics:
                              "Time from arrival to the last token.", names,
                              buckets=_E2E_BUCKETS, registry=registry).labels(**labels)
 
-    def track(self, num_prompt_tokens: int) -> RequestTracker:
-        return RequestTracker(self, num_prompt_tokens)
+    def track(self, num_prompt_tokens: int, arrival: float) -> RequestTracker:
+        return RequestTracker(self, num_prompt_tokens, arrival)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -89,10 +89,10 @@ class ServerMetrics:
 class RequestTracker:
     """Timing of one engine request, fed with its delta outputs."""
 
-    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int) -> None:
+    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int, arrival: float) -> None:
         self.metrics = metrics
         self.num_prompt_tokens = num_prompt_tokens
-        self.arrival = time.perf_counter()
+        self.arrival = arrival                    # time.perf_counter() when the request came
         self.first: float | None = None
         self.last: float | None = None
         self.tokens: dict[int, int] = {}          # completion index -> tokens so far

@@ -2,6 +2,7 @@
 (from the tokenizer files or the GGUF), ``n`` replies come back as choices."""
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from quantrt.server.protocol import ChatCompletionRequest
 
 async def create_chat_completion(state: ServerState, body: ChatCompletionRequest,
                                  request: Request) -> JSONResponse | StreamingResponse:
+    arrival = time.perf_counter()
     body.check_supported()
     state.check_model(body.model)
     messages = [m.as_template_message() for m in body.messages]
@@ -37,9 +39,10 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
     state.check(prompt_ids, params)
     request_id = new_id("chatcmpl")
     if body.stream:
-        return StreamingResponse(_stream(state, body, prompt_ids, params, request_id),
+        return StreamingResponse(_stream(state, body, prompt_ids, params, request_id, arrival),
                                  media_type="text/event-stream")
-    [results] = await unless_disconnected(request, gather(state, [prompt_ids], params, request_id))
+    [results] = await unless_disconnected(
+        request, gather(state, [prompt_ids], params, request_id, arrival))
     choices = []
     for c in results:
         lps = None
@@ -56,7 +59,8 @@ async def create_chat_completion(state: ServerState, body: ChatCompletionRequest
 
 
 async def _stream(state: ServerState, body: ChatCompletionRequest, prompt_ids: list[int],
-                  params: SamplingParams, request_id: str) -> AsyncIterator[str]:
+                  params: SamplingParams, request_id: str, arrival: float
+                  ) -> AsyncIterator[str]:
     def chunk(index: int, delta: dict[str, Any], lps: dict | None, finish: str | None) -> str:
         return sse({"id": request_id, "object": "chat.completion.chunk",
                     "created": state.created, "model": state.model_name,
@@ -70,7 +74,7 @@ async def _stream(state: ServerState, body: ChatCompletionRequest, prompt_ids: l
         # OpenAI's first chunk of each choice names the role and carries no text.
         for index in range(params.n):
             yield chunk(index, {"role": "assistant", "content": ""}, None, None)
-        async for out in run_prompt(state, prompt_ids, params, request_id):
+        async for out in run_prompt(state, prompt_ids, params, request_id, arrival):
             for c in out.outputs:
                 if not c.text and not c.token_ids and c.finish_reason is None:
                     continue

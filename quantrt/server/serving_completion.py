@@ -2,6 +2,7 @@
 each; choice ``i * n + j`` is completion ``j`` of prompt ``i``, as OpenAI numbers them."""
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,6 +60,7 @@ class _Choice:
 
 async def create_completion(state: ServerState, body: CompletionRequest,
                             request: Request) -> JSONResponse | StreamingResponse:
+    arrival = time.perf_counter()
     body.check_supported()
     state.check_model(body.model)
     prompts = _prompts(state.tokenizer, body.prompt)
@@ -73,10 +75,11 @@ async def create_completion(state: ServerState, body: CompletionRequest,
             lambda eng, ids=ids: prompt_logprobs(eng, ids, body.logprobs))) for _, ids in prompts]
     request_id = new_id("cmpl")
     if body.stream:
-        return StreamingResponse(_stream(state, body, prompts, params, echo_lps, request_id),
+        return StreamingResponse(_stream(state, body, prompts, params, echo_lps, request_id,
+                                         arrival),
                                  media_type="text/event-stream")
     results = await unless_disconnected(
-        request, gather(state, [ids for _, ids in prompts], params, request_id))
+        request, gather(state, [ids for _, ids in prompts], params, request_id, arrival))
     return JSONResponse(_response(state, body, prompts, results, echo_lps, request_id))
 
 
@@ -105,7 +108,8 @@ def _response(state: ServerState, body: CompletionRequest, prompts: list[tuple[s
 
 async def _stream(state: ServerState, body: CompletionRequest,
                   prompts: list[tuple[str, list[int]]], params: SamplingParams,
-                  echo_lps: list | None, request_id: str) -> AsyncIterator[str]:
+                  echo_lps: list | None, request_id: str, arrival: float
+                  ) -> AsyncIterator[str]:
     tok = state.tokenizer
     n = body.n
 
@@ -128,7 +132,7 @@ async def _stream(state: ServerState, body: CompletionRequest,
                        if echo_lps is not None else None)
                 for j in range(n):
                     yield chunk(i * n + j, text, lps, None)
-        streams = [run_prompt(state, ids, params, f"{request_id}-{i}")
+        streams = [run_prompt(state, ids, params, f"{request_id}-{i}", arrival)
                    for i, (_, ids) in enumerate(prompts)]
         async for i, out in merged(streams):
             for c in out.outputs:
