@@ -199,3 +199,19 @@ def test_completion_gathers_deltas():
     c.add("Hel", [1, 2], None, None)
     c.add("lo", [3], None, "stop")
     assert (c.text, c.token_ids, c.finish_reason) == ("Hello", [1, 2, 3], "stop")
+
+
+def test_serve_command_refuses_bad_settings_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from quantrt.cli import main
+
+    tiny = str(make_tiny_model(tmp_path, "llama"))
+    cases = [(["--kv-cache-memory", "lots"], "is not a size"),
+             (["--kv-cache-memory", "1GiB", "--gpu-memory-utilization", "0.5"], "not both"),
+             (["--device", "cpu", "--gpu-memory-utilization", "0.5"], "CUDA device"),
+             (["--max-num-seqs", "0"], "0")]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["serve", tiny, "--port", "0", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, result.output
