@@ -217,6 +217,23 @@ def test_echo_with_logprobs(server, tokenizer):
         p.logprobs.token_logprobs[0], abs=2e-2)
 
 
+def test_completion_stream_equals_non_stream(server):
+    kw = {"model": MODEL, "prompt": [PROMPT, "1, 2, 3,"], "max_tokens": 6, "temperature": 0,
+          "logprobs": 1, "echo": True}
+    whole = server.client().completions.create(**kw)
+    texts, tokens, usage = {}, {}, None
+    for ch in server.client().completions.create(stream=True, stream_options={
+            "include_usage": True}, **kw):
+        if not ch.choices:
+            usage = ch.usage
+        for c in ch.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            tokens[c.index] = tokens.get(c.index, []) + (c.logprobs.tokens if c.logprobs else [])
+    assert usage == whole.usage
+    for c in whole.choices:
+        assert texts[c.index] == c.text and tokens[c.index] == c.logprobs.tokens
+
+
 def test_chat_usage_and_logprobs(server, tokenizer):
     messages = [{"role": "system", "content": "You are terse."},
                 {"role": "user", "content": "Name a colour."},
