@@ -109,10 +109,18 @@ def stop_server(server: Server) -> None:
             server.proc.kill()
 
 
+_shared: dict[str, Server] = {}
+
+
 @pytest.fixture(scope="session")
 def server(demo_gguf, tmp_path_factory):
-    srv = start_server(demo_gguf, tmp_path_factory.mktemp("server"), "--api-key", KEY,
-                       "--max-model-len", str(CONTEXT), "--kv-cache-memory", "256MiB")
+    # Each module that imports this fixture gets its own session fixture from pytest, so
+    # the process itself is shared through _shared: one model load for all server tests.
+    srv = _shared.get("main")
+    if srv is None or srv.proc.poll() is not None:
+        srv = _shared["main"] = start_server(
+            demo_gguf, tmp_path_factory.mktemp("server"), "--api-key", KEY,
+            "--max-model-len", str(CONTEXT), "--kv-cache-memory", "256MiB")
     yield srv
     stop_server(srv)
 
