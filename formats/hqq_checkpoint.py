@@ -17,12 +17,12 @@ whether they come from ``qmodel.pt`` or from a transformers-HQQ safetensors expo
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from formats import hqq
-from formats.safetensors_file import _torch_load
+from formats.safetensors_file import TorchCheckpoint, _torch_load
 from quantrt.errors import FormatError, UnsupportedError
 
 QMODEL = "qmodel.pt"
@@ -168,10 +168,11 @@ def detect_settings(root: str | os.PathLike) -> dict[str, Any] | None:
             "skip_modules": sorted(skipped), "checkpoint": QMODEL}
 
 
-class HqqCheckpoint:
-    """qmodel.pt behind the reading interface of the safetensors checkpoints."""
+class HqqCheckpoint(TorchCheckpoint):
+    """qmodel.pt behind the reading interface of the safetensors checkpoints (the in-memory
+    tensor dict of :class:`TorchCheckpoint`, filled from HQQ's per-layer states)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike) -> None:  # not super(): that reads .bin files
         self.root = os.fspath(root)
         self.path = os.path.join(self.root, QMODEL)
         self._tensors: dict[str, torch.Tensor] = {}
@@ -181,31 +182,9 @@ class HqqCheckpoint:
                 if t is not None:
                     self._tensors[f"{module}.{key}"] = t
 
-    def keys(self) -> list[str]:
-        return sorted(self._tensors)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._tensors
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def info(self, name: str) -> tuple[str, tuple[int, ...], str]:
-        t = self._tensors[name]
-        return str(t.dtype).removeprefix("torch."), tuple(t.shape), self.path
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._tensors[name]
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(sorted(self._tensors.items()))
-
     @property
     def total_bytes(self) -> int:
         return os.path.getsize(self.path)
-
-    def close(self) -> None:
-        self._tensors = {}
 
     def __repr__(self) -> str:
         return f"HqqCheckpoint({self.path!r}, tensors={len(self._tensors)})"
