@@ -93,11 +93,14 @@ def inspect(source: str, quantization, device, dtype, kernels, as_json: bool) ->
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", default=None, help="System message (with --chat).")
 @click.option("--stats", is_flag=True, help="Print token counts and speed to stderr.")
+@click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1,
+              show_default=True, help="Split the model over this many GPUs (processes).")
 @_common
 def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
-        seed, chat: bool, system, stats: bool, quantization, device, dtype, kernels) -> None:
+        seed, chat: bool, system, stats: bool, tensor_parallel_size: int, quantization, device,
+        dtype, kernels) -> None:
     """Generate text from SOURCE (default: the demo model), streamed to stdout."""
-    from quantrt.loader import load
+    from quantrt.parallel.launch import load_model
 
     # click's FloatRange lets nan and inf through; the sampler would crash on them.
     if not math.isfinite(temperature):
@@ -108,8 +111,19 @@ def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: fl
         raise ConfigError("--system only applies with --chat", where=source,
                           hint="add --chat, or put the instructions in the prompt")
     t0 = time.perf_counter()
-    lm = load(source, quantization, device=device, dtype=dtype, kernels=kernels)
-    from quantrt.engine.llm_engine import LLMEngine  # after load: torch is slow to import
+    lm, executor = load_model(source, quantization, tensor_parallel_size, device=device,
+                              dtype=dtype, kernels=kernels)
+    try:
+        _generate(source, lm, executor, prompt, max_tokens, temperature, top_p, top_k, seed,
+                  chat, system, stats, t0, tensor_parallel_size)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+
+
+def _generate(source, lm, executor, prompt, max_tokens, temperature, top_p, top_k, seed, chat,
+              system, stats, t0, tensor_parallel_size) -> None:
+    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
     from quantrt.engine.sequence import SamplingParams
 
     with _about(source):
@@ -122,7 +136,8 @@ def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: fl
             ids = tok.encode(prompt)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed)
-        engine = LLMEngine(lm)
+        engine = LLMEngine(lm, EngineConfig(tensor_parallel_size=tensor_parallel_size),
+                           executor)
         t1 = time.perf_counter()
         seq = engine.add_request(ids, params)
         first = None
@@ -215,10 +230,12 @@ def estimate_command(source: str, methods: tuple[str, ...], gpu, gpu_memory, num
                                       "they are aborted.")
 @click.option("--uvicorn-log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug", "trace"]))
+@click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1,
+              show_default=True, help="Split the model over this many GPUs (processes).")
 def serve_command(source: str, quantization, device, dtype, kernels, host: str, port: int,
                   api_key, served_model_name, max_model_len, max_num_seqs: int,
                   gpu_memory_utilization, kv_cache_memory, shutdown_timeout: float,
-                  uvicorn_log_level: str) -> None:
+                  uvicorn_log_level: str, tensor_parallel_size: int) -> None:
     """Serve SOURCE over an OpenAI-compatible HTTP API (/v1/completions,
     /v1/chat/completions, /v1/models, /health, /metrics)."""
     if not math.isfinite(shutdown_timeout):
@@ -232,9 +249,13 @@ def serve_command(source: str, quantization, device, dtype, kernels, host: str, 
     engine = build_engine(source, quantization, device, dtype, kernels,
                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                           kv_cache_memory=kv_cache_memory,
-                          gpu_memory_utilization=gpu_memory_utilization)
-    serve(engine, served_model_name or source, host=host, port=port, api_key=api_key,
-          shutdown_timeout=shutdown_timeout, log_level=uvicorn_log_level)
+                          gpu_memory_utilization=gpu_memory_utilization,
+                          tensor_parallel_size=tensor_parallel_size)
+    try:
+        serve(engine, served_model_name or source, host=host, port=port, api_key=api_key,
+              shutdown_timeout=shutdown_timeout, log_level=uvicorn_log_level)
+    finally:
+        engine.engine.shutdown()   # the tensor-parallel workers, if any
 
 
 from quantrt.convert.cli_commands import register as _register_convert  # noqa: E402

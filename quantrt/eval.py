@@ -45,11 +45,12 @@ def prompt_logits(lm, ids: list[int]):
     single prefill into a private one-block KV cache, without the engine."""
     import torch
 
+    from quantrt.engine.model_runner import kv_heads
     from quantrt.models.attention import AttentionMetadata
 
     cfg, dev = lm.config, lm.device
     t = len(ids)
-    shape = (1, t, cfg.num_kv_heads, cfg.head_dim)
+    shape = (1, t, kv_heads(lm.model), cfg.head_dim)
     kv = [(torch.zeros(shape, dtype=lm.dtype, device=dev),
            torch.zeros(shape, dtype=lm.dtype, device=dev)) for _ in range(cfg.num_layers)]
     i32 = dict(dtype=torch.int32, device=dev)

@@ -35,11 +35,37 @@ class LLM:
                     or kernels != "auto":
                 raise ConfigError("quantization, device, dtype and kernels apply when loading; "
                                   "this model is already loaded")
+            if config.tensor_parallel_size > 1:
+                raise ConfigError("tensor_parallel_size > 1 loads the model on every rank: "
+                                  "pass its source, not a loaded model")
             lm = source
+            executor = None
+        elif config.tensor_parallel_size > 1:
+            from quantrt.parallel.launch import load_parallel
+
+            lm, executor = load_parallel(source, quantization, config.tensor_parallel_size,
+                                         device=device, dtype=dtype, kernels=kernels,
+                                         progress=progress)
         else:
             lm = load(source, quantization, device=device, dtype=dtype, kernels=kernels,
                       progress=progress)
-        self.engine = LLMEngine(lm, config)
+            executor = None
+        try:
+            self.engine = LLMEngine(lm, config, executor)
+        except BaseException:
+            if executor is not None:
+                executor.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done when the process exits)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
 
     @property
     def tokenizer(self) -> Any:

@@ -96,18 +96,21 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device, ckpt_dtype
 
 def load(source: str | os.PathLike | ModelSource, quantization: str | None = None, *,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         kernels: str = "auto", progress: bool | None = None) -> LoadedModel:
+         kernels: str = "auto", progress: bool | None = None,
+         tensor_parallel: Any = None) -> LoadedModel:
     """Load a (quantized) model and its tokenizer.
 
     ``kernels="reference"`` forces the exact torch reference path of every method.
+    ``tensor_parallel``: a :class:`~quantrt.parallel.comm.TPGroup`; this process then keeps
+    only its rank's part of every layer (see :mod:`quantrt.parallel`).
     """
     src = source if isinstance(source, ModelSource) else resolve_source(source)
     show = sys.stderr.isatty() if progress is None else progress
     try:
         check_options(device, dtype, kernels)
         if src.kind == "gguf":
-            return _load_gguf(src, quantization, device, dtype, kernels, show)
-        return _load_hf(src, quantization, device, dtype, kernels, show)
+            return _load_gguf(src, quantization, device, dtype, kernels, show, tensor_parallel)
+        return _load_hf(src, quantization, device, dtype, kernels, show, tensor_parallel)
     except QuantrtError as exc:
         if exc.where is not None:
             raise
@@ -133,7 +136,7 @@ def _checkpoint_name(model: nn.Module, prefix: str, tensor: str, shard: int) -> 
 
 
 def _finish(model: nn.Module, dev: torch.device, where: str, tie: bool,
-            file_name: Any = None) -> None:
+            file_name: Any = None, tp: Any = None) -> None:
     """Check every tensor arrived, then repack each layer for its kernel on ``dev``.
     A tied lm_head is attached to the embedding after the embedding reached ``dev`` so
     that both share one copy.  ``file_name`` maps an HF tensor name to the file's own."""
@@ -148,8 +151,22 @@ def _finish(model: nn.Module, dev: torch.device, where: str, tie: bool,
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise FormatError(f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}", where=where,
                           hint="the file is incomplete or not for this architecture")
+    done: set[int] = set()
+    if tp is not None and tp.size > 1:
+        from quantrt.parallel.shard import shard_layers, shard_vocab
+
+        try:
+            shard_vocab(model, tp, tie)
+            for cut in shard_layers(model, tp):   # cut, then repack, one layer at a time
+                for module in cut:
+                    module.process_weights_after_loading(dev)
+                    done.add(id(module))
+        except ValueError as exc:
+            raise ConfigError(f"cannot split the model over {tp.size} ranks: {exc}",
+                              where=where) from None
     for module in model.modules():
-        if hasattr(module, "process_weights_after_loading") and not (tie and module is model.lm_head):
+        if hasattr(module, "process_weights_after_loading") and id(module) not in done \
+                and not (tie and module is model.lm_head):
             module.process_weights_after_loading(dev)
     if tie:
         model.lm_head.method.tie_to(model.lm_head, model.embed_tokens)
@@ -225,7 +242,7 @@ def _gguf_tensors(gf: Any, model: nn.Module, cfg: ModelConfig) -> Iterator[tuple
 
 
 def _load_gguf(src: ModelSource, quantization: str | None, device: Any, dtype: Any,
-               kernels: str, show: bool) -> LoadedModel:
+               kernels: str, show: bool, tp: Any = None) -> LoadedModel:
     from formats.gguf_file import read_gguf
 
     gf = read_gguf(src.path)
@@ -259,7 +276,7 @@ def _load_gguf(src: ModelSource, quantization: str | None, device: Any, dtype: A
         found = names.get_name(base)
         return f"{found}.{suffix}" if found else hf
 
-    _finish(model, dev, str(src.path), tie, gguf_name)
+    _finish(model, dev, str(src.path), tie, gguf_name, tp)
     tok = Tokenizer.from_gguf_metadata(gf.metadata, str(src.path))
     return LoadedModel(model.eval(), cfg, qc, tok, src, dev, torch_dtype, detected,
                        os.path.getsize(src.path), [gf])
@@ -267,7 +284,7 @@ def _load_gguf(src: ModelSource, quantization: str | None, device: Any, dtype: A
 
 # -- HF directories --------------------------------------------------------------------------
 def _load_hf(src: ModelSource, quantization: str | None, device: Any, dtype: Any,
-             kernels: str, show: bool) -> LoadedModel:
+             kernels: str, show: bool, tp: Any = None) -> LoadedModel:
     from formats.safetensors_file import open_checkpoint
 
     cfg_path = os.path.join(src.path, "config.json")
@@ -292,7 +309,7 @@ def _load_hf(src: ModelSource, quantization: str | None, device: Any, dtype: Any
         if ours is None or ours.endswith(HF_IGNORED_SUFFIXES) or (tie and ours == "lm_head.weight"):
             continue
         _load_one(model, ours, tensor, ckpt.info(name)[2])
-    _finish(model, dev, str(src.path), tie)
+    _finish(model, dev, str(src.path), tie, tp=tp)
     tok = Tokenizer.from_pretrained_dir(str(src.path))
     return LoadedModel(model.eval(), cfg, qc, tok, src, dev, torch_dtype, detected,
                        ckpt.total_bytes, [ckpt])

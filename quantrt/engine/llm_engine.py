@@ -11,10 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from quantrt.engine.block_manager import BlockManager, KVUsage
-from quantrt.engine.model_runner import ModelRunner, kv_bytes_per_token
+from quantrt.engine.model_runner import ModelRunner
 from quantrt.engine.outputs import TokenLogprob
 from quantrt.engine.scheduler import Scheduler
 from quantrt.engine.sequence import FinishReason, SamplingParams, Sequence, make_group
@@ -33,10 +31,11 @@ class EngineConfig:
     kv_cache_memory: int | None = None      # bytes; None: 1 GiB on CPU, 40% of free on GPU
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True                # decode steps replay captured graphs on CUDA
+    tensor_parallel_size: int = 1           # ranks (processes, one GPU each) per model
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-                     "kv_cache_memory"):
+                     "kv_cache_memory", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is None and name in ("max_model_len", "kv_cache_memory"):
                 continue
@@ -66,20 +65,25 @@ class StepOutput:
 
 
 class LLMEngine:
-    def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig()) -> None:
+    """``executor``: a :class:`~quantrt.parallel.executor.TPExecutor` when ``lm`` is rank 0's
+    part of a tensor-parallel model (see :func:`quantrt.parallel.launch.load_parallel`)."""
+
+    def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig(),
+                 executor: Any = None) -> None:
+        from quantrt.parallel.worker import memory_report
+
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.config = config
-        per_token = kv_bytes_per_token(lm, lm.dtype)
-        budget = config.kv_cache_memory
-        if budget is None:
-            if lm.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(lm.device)
-                budget = int(free * 0.4)
-            else:
-                budget = DEFAULT_CPU_KV_BYTES
-        num_blocks = budget // (per_token * config.block_size)
+        self.executor = executor
+        mine = memory_report(lm, config.block_size, config.kv_cache_memory)
+        reports = [mine]
+        if executor is not None:   # every rank's cache must hold the same blocks
+            executor.call("memory", config.block_size, config.kv_cache_memory)
+            reports = executor.gather(mine)
+        num_blocks = min(budget // (per_token * config.block_size) for budget, per_token in reports)
         if num_blocks < 1:
+            budget, per_token = mine
             raise ConfigError(f"kv_cache_memory of {budget} bytes holds no block of "
                               f"{config.block_size} tokens ({per_token} bytes per token)")
         self.model_len_limit = min(config.max_model_len or lm.config.max_position_embeddings,
@@ -88,15 +92,22 @@ class LLMEngine:
         # serves sequences of C + 1, and a sequence running alone always fits.
         self.max_model_len = min(self.model_len_limit, num_blocks * config.block_size + 1)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.runner = ModelRunner(lm, num_blocks, config.block_size,
-                                  max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len,
-                                  cuda_graphs=config.cuda_graphs)
+        runner_args = ((num_blocks, config.block_size),
+                       dict(max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                            cuda_graphs=config.cuda_graphs))
+        if executor is not None:   # the workers build theirs (and capture graphs) in step
+            executor.call("init_runner", *runner_args)
+        self.runner = ModelRunner(lm, *runner_args[0], **runner_args[1], executor=executor)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.streams: dict[int, Any] = {}
         self.requests: dict[str, list[Sequence]] = {}    # unfinished requests by id
         self._ids = itertools.count()
         self._arrivals = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do for one process)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # -- requests -----------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams,

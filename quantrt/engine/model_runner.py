@@ -2,6 +2,9 @@
 scheduled batch into model inputs (slot mapping, block tables), runs the model, samples."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from quantrt.engine.block_manager import BlockManager
@@ -12,24 +15,50 @@ from quantrt.loader import LoadedModel
 from quantrt.models.attention import AttentionMetadata
 
 
+@dataclass
+class StepInputs:
+    """One step's model inputs as plain lists: built on the host by rank 0 and, under
+    tensor parallelism, broadcast to the other ranks, which run the same forward."""
+
+    ids: list[int]
+    pos: list[int]
+    slots: list[int]
+    tables: list[list[int]]
+    ctx: list[int]
+    qlens: list[int]
+    rows: list[int]          # rows of the flat batch whose logits are needed
+    decode_only: bool        # one new token per sequence: CUDA graphs may replay
+
+
+def kv_heads(model: torch.nn.Module) -> int:
+    """KV heads this process caches: all of them, or its rank's under tensor parallelism."""
+    from quantrt.parallel.shard import local_kv_heads
+
+    return local_kv_heads(model)
+
+
 def kv_bytes_per_token(lm: LoadedModel, kv_dtype: torch.dtype) -> int:
     cfg = lm.config
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(kv_dtype).bits // 8
+    return 2 * cfg.num_layers * kv_heads(lm.model) * cfg.head_dim * torch.finfo(kv_dtype).bits // 8
 
 
 class ModelRunner:
+    """``executor``: under tensor parallelism (rank 0 only), every step's inputs are
+    broadcast to the other ranks before this rank runs its part."""
+
     def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, *,
                  max_num_seqs: int = 64, max_model_len: int | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, executor: Any = None) -> None:
         self.lm = lm
         self.model = lm.model
         self.device = lm.device
         self.block_size = block_size
+        self.executor = executor
         cfg = lm.config
         use_graphs = cuda_graphs and self.device.type == "cuda"
         # One extra block that the block manager never hands out: padded rows of a graph
         # batch write their K/V there.
-        shape = (num_blocks + int(use_graphs), block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks + int(use_graphs), block_size, kv_heads(self.model), cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=lm.dtype, device=self.device),
                            torch.zeros(shape, dtype=lm.dtype, device=self.device))
                           for _ in range(cfg.num_layers)]
@@ -43,7 +72,9 @@ class ModelRunner:
                                        -(-max_len // block_size), num_blocks * block_size,
                                        self.device)
 
-    def _prepare(self, batch: list[tuple[Sequence, int]], blocks: BlockManager):
+    @staticmethod
+    def _inputs(batch: list[tuple[Sequence, int]], blocks: BlockManager,
+                rows: list[int]) -> StepInputs:
         ids, pos, slots, ctx, qlens = [], [], [], [], []
         for seq, n in batch:
             start = seq.num_cached
@@ -54,18 +85,37 @@ class ModelRunner:
             qlens.append(n)
         width = max(len(seq.block_table) for seq, _ in batch)
         tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
+        decode = all(n == 1 and seq.num_cached + 1 == len(seq) for seq, n in batch)
+        return StepInputs(ids, pos, slots, tables, ctx, qlens, rows, decode)
+
+    def _tensors(self, inp: StepInputs):
         dev = self.device
         starts = [0]
-        for n in qlens:
+        for n in inp.qlens:
             starts.append(starts[-1] + n)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(inp.slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(inp.tables, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(inp.ctx, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            context_lens_host=ctx, query_lens_host=qlens)
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(pos, dtype=torch.int64, device=dev), meta, starts)
+            context_lens_host=inp.ctx, query_lens_host=inp.qlens)
+        return (torch.tensor(inp.ids, dtype=torch.int64, device=dev),
+                torch.tensor(inp.pos, dtype=torch.int64, device=dev), meta)
+
+    def execute(self, inp: StepInputs) -> torch.Tensor:
+        """Logits of ``inp.rows`` (every rank of a tensor-parallel model runs this)."""
+        if self.executor is not None:
+            self.executor.call("execute", inp)
+        return self.run_local(inp)
+
+    @torch.inference_mode()
+    def run_local(self, inp: StepInputs) -> torch.Tensor:
+        ids, pos, meta = self._tensors(inp)
+        if self.graphs is not None and inp.decode_only \
+                and self.graphs.fits(len(inp.ctx), meta.block_tables.shape[1]):
+            return self.graphs.run(ids, pos, meta)[inp.rows]  # one row per sequence
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        return self.model.compute_logits(hidden[inp.rows])
 
     @torch.inference_mode()
     def step(self, batch: list[tuple[Sequence, int]], blocks: BlockManager
@@ -73,25 +123,20 @@ class ModelRunner:
         """Run one step; returns (sequence, next token, its logprobs) for every sequence whose
         last token was computed, plus the completions forked from a prompt just prefilled
         (they sample their first token from the same logits row)."""
-        ids, pos, meta, starts = self._prepare(batch, blocks)
-        all_logits = hidden = None
-        if self.graphs is not None and self.graphs.fits(len(batch), meta.block_tables.shape[1]) \
-                and all(n == 1 and seq.num_cached + 1 == len(seq) for seq, n in batch):
-            all_logits = self.graphs.run(ids, pos, meta)  # decode-only: one row per sequence
-        else:
-            hidden = self.model(ids, pos, self.kv_caches, meta)
-        rows, expand, sample_seqs = [], [], []
-        for i, (seq, n) in enumerate(batch):
-            seq.num_cached += n
-            if seq.num_cached == len(seq):
+        rows, expand, sample_seqs, end = [], [], [], 0
+        for seq, n in batch:
+            end += n
+            if seq.num_cached + n == len(seq):
                 for s in [seq, *seq.fork_targets()]:
                     expand.append(len(rows))
                     sample_seqs.append(s)
-                rows.append(starts[i + 1] - 1)
+                rows.append(end - 1)
+        inp = self._inputs(batch, blocks, rows)
+        for seq, n in batch:
+            seq.num_cached += n
+        logits = self.execute(inp)
         if not sample_seqs:
             return []
-        logits = (all_logits[rows] if all_logits is not None
-                  else self.model.compute_logits(hidden[rows]))
         if len(expand) > len(rows):
             logits = logits[expand]
         tokens, logprobs = self.sampler(logits, sample_seqs)
@@ -105,8 +150,8 @@ class ModelRunner:
         seq = Sequence(list(prompt_ids), SamplingParams(max_tokens=1))
         blocks.grow(seq, len(seq))
         try:
-            ids, pos, meta, _ = self._prepare([(seq, len(seq))], blocks)
-            hidden = self.model(ids, pos, self.kv_caches, meta)
-            return self.model.compute_logits(hidden)
+            inp = self._inputs([(seq, len(seq))], blocks, list(range(len(seq))))
+            inp.decode_only = False
+            return self.execute(inp)
         finally:
             blocks.release(seq)

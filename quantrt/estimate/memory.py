@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from quantrt.errors import ConfigError
 from quantrt.estimate.arch import SPLIT, Arch, Weight, weights
+from quantrt.parallel.plan import TPRank, coarsest_unit, head_split, split_range
 from quantrt.estimate.gpus import GPU, MIB
 from quantrt.estimate.layouts import DTYPE_BYTES, Context, Layout, cdiv
 
@@ -79,37 +80,61 @@ class Settings:
 
 
 def check_parallel(arch: Arch, tp: int) -> None:
-    """Tensor parallelism over ``tp`` GPUs must split heads and MLP evenly (as in vLLM)."""
-    if tp == 1:
-        return
-    if arch.heads % tp:
+    """The split rules of :mod:`quantrt.parallel.plan` (the loader's): heads, KV heads and
+    the MLP may split unevenly and KV heads replicate; only fewer heads than GPUs fails."""
+    if tp > 1 and arch.heads < tp:
         raise ConfigError(f"{arch.heads} attention heads cannot be split over {tp} GPUs",
-                          hint=f"use a number of GPUs that divides {arch.heads}")
-    if arch.kv_heads % tp and tp % arch.kv_heads:
-        raise ConfigError(f"{arch.kv_heads} KV heads cannot be split over or replicated on "
-                          f"{tp} GPUs", hint="the GPU count must divide the KV heads or be a "
-                                             "multiple of them")
-    if arch.intermediate % tp:
-        raise ConfigError(f"intermediate size {arch.intermediate} cannot be split over {tp} GPUs")
+                          hint=f"use at most {arch.heads} GPUs")
+
+
+def _down_group(arch: Arch, layout: Layout, ctx: Context) -> int:
+    """down_proj's quantization group along K: the loader cuts the intermediate dimension
+    between groups (quantrt.parallel.plan.mlp_cuts)."""
+    settings = getattr(layout, "wq_settings", None)
+    for w in weights(arch):
+        if w.role == "down" and settings is not None and layout.quantizes(w):
+            try:
+                got = settings(w, w.shape[1])
+            except NotImplementedError:
+                return 1
+            if got is not None and 0 < got[1] < w.shape[1] and not got[2]:
+                return got[1]
+            return 1
+    return 1
 
 
 def kv_heads_per_gpu(arch: Arch, tp: int) -> int:
-    return max(1, arch.kv_heads // tp)   # more GPUs than KV heads: each keeps a replica
+    """KV heads of the rank that holds the most (replicated when fewer than GPUs)."""
+    if tp == 1:
+        return arch.kv_heads
+    return max(k1 - k0 for _, (k0, k1) in
+               (head_split(arch.heads, arch.kv_heads, TPRank(r, tp)) for r in range(tp)))
 
 
-def shard(w: Weight, arch: Arch, tp: int) -> tuple[tuple[int, ...], int, str]:
-    """(shape one GPU holds, full K, how it was split) for weight ``w``."""
+def shard(w: Weight, arch: Arch, tp: int, rank: int = 0,
+          mlp_unit: int = 1) -> tuple[tuple[int, ...], int, str]:
+    """(shape rank ``rank`` holds, full K, how it was split) for weight ``w``; the MLP's
+    intermediate dimension is cut at multiples of ``mlp_unit`` (down_proj's group)."""
     split = SPLIT.get(w.role, "none") if tp > 1 else "none"
     shape = w.shape
     full_k = shape[1] if len(shape) == 2 else 0
+    if split == "none":
+        return shape, full_k, split
+    info = TPRank(rank, tp)
+    (q0, q1), (k0, k1) = head_split(arch.heads, arch.kv_heads, info)
+    unit = coarsest_unit(arch.intermediate, tp, mlp_unit)
+    i0, i1 = split_range(arch.intermediate, unit, tp, rank)
     if split == "column":
-        shape = (shape[0] // tp, shape[1])
+        rows = (q1 - q0) * arch.head_dim if w.role == "q" else i1 - i0
+        shape = (rows, shape[1])
     elif split == "kv":
-        shape = (kv_heads_per_gpu(arch, tp) * arch.head_dim, shape[1])
+        shape = ((k1 - k0) * arch.head_dim, shape[1])
     elif split == "row":
-        shape = (shape[0], shape[1] // tp)
+        cols = (q1 - q0) * arch.head_dim if w.role == "o" else i1 - i0
+        shape = (shape[0], cols)
     elif split == "vocab":
-        shape = (cdiv(shape[0], tp), shape[1])
+        v0, v1 = split_range(shape[0], 1, tp, rank)
+        shape = (v1 - v0, shape[1])
     return shape, full_k, split
 
 
@@ -127,7 +152,11 @@ def weight_bytes_of(arch: Arch, layout: Layout, tp: int = 1, compute: str = "bfl
     """Exact weight bytes of ``arch`` stored with ``layout``; ``extra`` bytes of tensors
     outside the architecture (a GGUF's rope_freqs) count as replicated."""
     ctx = Context(arch, compute)
-    disk = loaded = per_gpu = quantized = 0
+    disk = loaded = quantized = 0
+    per_rank = [0] * tp
+    mlp_unit = _down_group(arch, layout, ctx) if tp > 1 else 1
+    # quantrt's loader never refuses a split (it widens a cut and pads the input instead);
+    # ``problems`` stays for layouts a future rule may refuse
     problems: list[str] = []
     for w in weights(arch):
         specs = layout.tensors(w, w.shape, w.shape[1] if len(w.shape) == 2 else 0, ctx)
@@ -135,15 +164,11 @@ def weight_bytes_of(arch: Arch, layout: Layout, tp: int = 1, compute: str = "bfl
         loaded += layout.loaded_bytes(w, w.shape, w.shape[1] if len(w.shape) == 2 else 0, ctx)
         if w.is_linear and layout.quantizes(w):
             quantized += w.numel
-        if tp > 1:
-            shape, full_k, split = shard(w, arch, tp)
-            per_gpu += layout.loaded_bytes(w, shape, full_k, ctx)
-            problem = layout.partition_problem(w, shape[0], shape[-1], split, ctx) \
-                if w.is_linear and split != "none" and layout.quantizes(w) else None
-            if problem and problem not in problems:
-                problems.append(problem)
-    return WeightBytes(disk + extra, loaded + extra, (per_gpu if tp > 1 else loaded) + extra,
-                       quantized, tuple(problems))
+        for rank in range(tp if tp > 1 else 0):
+            shape, full_k, split = shard(w, arch, tp, rank, mlp_unit)
+            per_rank[rank] += layout.loaded_bytes(w, shape, full_k, ctx)
+    per_gpu = max(per_rank) if tp > 1 else loaded
+    return WeightBytes(disk + extra, loaded + extra, per_gpu + extra, quantized, tuple(problems))
 
 
 def kv_bytes_per_token(arch: Arch, tp: int, kv_bytes: int) -> int:

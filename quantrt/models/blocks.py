@@ -53,11 +53,13 @@ class Attention(nn.Module):
             self.k_norm = model.make_norm(cfg.head_dim, f"{prefix}.k_norm")
         self.rotary = model.rotary_for(layer)
         self.window = cfg.window(layer)
+        # heads this rank computes (all of them unless tensor parallel cut the layer)
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
 
     def forward(self, ropes: dict[int, Rope], h: torch.Tensor, kv: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         cfg = self.cfg
-        hq, hk = cfg.num_heads, cfg.num_kv_heads
+        hq, hk = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(h).view(-1, hq + 2 * hk, cfg.head_dim)
         v = qkv[:, hq + hk:]
         rope = ropes[id(self.rotary)]
@@ -70,7 +72,7 @@ class Attention(nn.Module):
             q, k = qk[:, :hq], qk[:, hq:]
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         o = paged_attention(q, kv[0], kv[1], meta, cfg.attn_scale, self.window, cfg.attn_softcap)
-        return self.o_proj(o.reshape(-1, cfg.q_size))
+        return self.o_proj(o.reshape(-1, hq * cfg.head_dim))
 
 
 class GatedMLP(nn.Module):
@@ -151,6 +153,7 @@ class DecoderForCausalLM(nn.Module):
         self.norm = self.make_norm(cfg.hidden_size, "model.norm")
         self.lm_head = QuantLinear(cfg.hidden_size, [cfg.vocab_size], bias=False, quant_config=qc,
                                    prefix="lm_head", params_dtype=dtype)
+        self.tp_vocab_widths: list[int] | None = None   # per rank, when tensor parallel
 
     # -- building blocks ------------------------------------------------------------------
     def make_norm(self, size: int, prefix: str) -> RMSNorm:
@@ -180,7 +183,10 @@ class DecoderForCausalLM(nn.Module):
         return self.norm(h)
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(h)
+        if self.tp_vocab_widths is not None:  # vocab-parallel head: every rank gets all
+            logits = self.lm_head.tp_gather.all_gather_rows(logits, self.tp_vocab_widths)
+        logits = logits.float()
         cap = self.cfg.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

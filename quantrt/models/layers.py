@@ -48,6 +48,36 @@ class QuantLinear(nn.Module):
             self.tracker.expected |= {("bias", s) for s in range(len(output_sizes))}
         else:
             self.register_parameter("bias", None)
+        # tensor parallelism (set by shard_tp): zero-pad the input, all-reduce the output
+        # (row-parallel), keep only some output rows (a widened column cut)
+        self.tp_pad: tuple[int, int] | None = None
+        self.tp_group: Any = None
+        self.tp_keep: torch.Tensor | None = None
+
+    def shard_tp(self, cut: Any, group: Any = None) -> None:
+        """Cut the loaded full-size weights to one rank's part (a ColumnCut of the output
+        rows, or a RowCut of the input columns whose partial sums ``group`` all-reduces)."""
+        from quantrt.parallel.plan import ColumnCut
+
+        if isinstance(cut, ColumnCut):
+            rows = [list(shard) for shard in cut.stored]
+            if rows != [[(0, n)] for n in self.output_sizes]:
+                self.method.shard(self, rows, None)
+            if self.bias is not None:
+                data = self.bias.data
+                parts = [data[self.shard_offset(i) + a:self.shard_offset(i) + b]
+                         for i, shard in enumerate(rows) for a, b in shard]
+                self.bias = nn.Parameter(torch.cat(parts), requires_grad=False)
+            self.output_sizes = cut.sizes()
+            self.output_size = sum(self.output_sizes)
+            keep = cut.keep
+            self.tp_keep = None if keep is None else torch.tensor(keep, dtype=torch.int64)
+        else:
+            if cut.stored != (0, self.input_size):   # else kept whole, fed padded inputs
+                self.method.shard(self, None, cut.stored)
+            self.input_size = cut.stored[1] - cut.stored[0]
+            self.tp_pad = cut.pad
+            self.tp_group = group
 
     def shard_offset(self, shard: int) -> int:
         return sum(self.output_sizes[:shard])
@@ -68,10 +98,22 @@ class QuantLinear(nn.Module):
     def process_weights_after_loading(self, device: torch.device) -> None:
         if self.bias is not None:
             self.bias = nn.Parameter(self.bias.data.to(device), requires_grad=False)
+        if self.tp_keep is not None:
+            self.tp_keep = self.tp_keep.to(device)
         self.method.process_weights_after_loading(self, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x, self.bias)
+        if self.tp_group is None and self.tp_pad is None and self.tp_keep is None:
+            return self.method.apply(self, x, self.bias)
+        if self.tp_pad is not None:
+            x = F.pad(x, self.tp_pad)
+        if self.tp_group is None:
+            y = self.method.apply(self, x, self.bias)
+        else:  # partial sums of a row-parallel layer; the bias is added once, after
+            y = self.tp_group.all_reduce(self.method.apply(self, x, None).contiguous())
+            if self.bias is not None:
+                y = y + self.bias
+        return y if self.tp_keep is None else y.index_select(-1, self.tp_keep)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_sizes}, method={self.method.describe(self)}"
@@ -89,14 +131,29 @@ class VocabEmbedding(nn.Module):
         self.method = quant_config.get_quant_method(self, prefix)
         self.method.create_weights(self, num_embeddings, embedding_dim, params_dtype)
 
+        self.tp_range: tuple[int, int] | None = None     # vocabulary rows this rank holds
+        self.tp_group: Any = None
+
     def load(self, name: str, tensor: Any, shard: int = 0) -> None:
         self.method.load_weight(self, name, tensor)
+
+    def shard_tp(self, start: int, end: int, group: Any) -> None:
+        self.method.shard_rows(self, start, end)
+        self.tp_range = (start, end)
+        self.tp_group = group
 
     def process_weights_after_loading(self, device: torch.device) -> None:
         self.method.process_weights_after_loading(self, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.method.embed(self, ids, self.params_dtype)
+        if self.tp_range is None:
+            return self.method.embed(self, ids, self.params_dtype)
+        # vocab-parallel: each rank looks up the ids it holds, zeros elsewhere, summed
+        start, end = self.tp_range
+        inside = (ids >= start) & (ids < end)
+        h = self.method.embed(self, torch.where(inside, ids - start, 0), self.params_dtype)
+        h = h.masked_fill(~inside.unsqueeze(-1), 0)
+        return self.tp_group.all_reduce(h.contiguous())
 
 
 class RMSNorm(nn.Module):

@@ -128,6 +128,20 @@ class LinearMethod(ABC):
     def kernel(self, layer: torch.nn.Module) -> KernelChoice:
         return getattr(layer, "kernel_choice", KernelChoice("torch-reference"))
 
+    # -- tensor parallelism: called after loading, before process_weights_after_loading --
+    def tp_units(self, layer: torch.nn.Module) -> tuple[int, int]:
+        """(output rows, input columns): the granularity at which the stored weights can be
+        cut.  A unit as large as the dimension means "cannot be cut there" (the layer is
+        then kept whole on every rank and fed zero-padded inputs)."""
+        return 1, 1
+
+    def shard(self, layer: torch.nn.Module, rows: list[list[tuple[int, int]]] | None,
+              cols: tuple[int, int] | None) -> None:
+        """Keep only output rows ``rows`` (per fused shard, ranges in that shard) or input
+        columns ``cols`` of the loaded weights; the cuts respect :meth:`tp_units`."""
+        raise UnsupportedError(f"{type(self).__name__} layers cannot be split for tensor "
+                               "parallelism yet", where=getattr(layer, "prefix", None))
+
     def weight_bytes(self, layer: torch.nn.Module) -> int:
         """Bytes the layer's weights occupy after loading (shared tensors counted once by caller)."""
         return sum(t.numel() * t.element_size() for t in layer_tensors(layer))
@@ -152,6 +166,11 @@ class EmbeddingMethod(ABC):
 
     @abstractmethod
     def embed(self, layer: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+
+    def shard_rows(self, layer: torch.nn.Module, start: int, end: int) -> None:
+        """Keep only vocabulary rows [start, end) of the loaded table (tensor parallelism)."""
+        raise UnsupportedError(f"{type(self).__name__} tables cannot be split for tensor "
+                               "parallelism yet", where=getattr(layer, "prefix", None))
 
     def weight_bytes(self, layer: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in layer_tensors(layer))

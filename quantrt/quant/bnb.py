@@ -28,6 +28,7 @@ from torch import nn
 
 from formats import bnb as bnb_format
 from quantrt.errors import ConfigError, FormatError, UnsupportedError
+from quantrt.parallel.plan import lcm
 from quantrt.quant.base import (EmbeddingMethod, LinearMethod, QuantConfig, check_bool,
                                 config_get, is_quantized)
 from quantrt.quant.packed import IntWeight, PackedLinearMethod, TensorSpec
@@ -263,6 +264,51 @@ class Bnb4bitLinearMethod(PackedLinearMethod):
         for shard in range(len(layer.output_sizes)):
             self._validate(layer, shard)
         super().process_weights_after_loading(layer, device)
+
+    # -- tensor parallelism: the codes are one flat row-major run over [N, K] ----------
+    def tp_units(self, layer: nn.Module) -> tuple[int, int]:
+        n_units, k_units = [], []
+        for meta in layer.bnb_meta:
+            bs, cols = int(meta["blocksize"]), layer.input_size
+            if cols % bs == 0:   # blocks never straddle rows: cut anywhere between blocks
+                n_units.append(1)
+                k_units.append(bs)
+            else:                # whole rows only, at block boundaries; columns stay whole
+                n_units.append(bs // math.gcd(cols, bs))
+                k_units.append(cols)
+        return lcm(*n_units), lcm(*k_units)
+
+    def shard(self, layer: nn.Module, rows, cols) -> None:
+        """Cut the codes and the (fp32, double quant undone) absmax, and rewrite the
+        quant_state for the new shape."""
+        k = layer.input_size
+        for i, (raw, meta) in enumerate(zip(layer.raw_shards, layer.bnb_meta)):
+            n, bs = layer.output_sizes[i], int(meta["blocksize"])
+            store = raw["weight"]
+            codes = store.contiguous().reshape(-1).view(torch.uint8)
+            absmax = bnb_format.dequantize_absmax(
+                raw["weight.absmax"], raw.get("weight.nested_absmax"),
+                raw.get("weight.nested_quant_map"), meta.get("nested_offset"),
+                int(meta.get("nested_blocksize", 256)))
+            shape = [n, k]
+            if rows is not None:
+                codes = torch.cat([codes[a * k // 2:-(-b * k // 2)] for a, b in rows[i]])
+                absmax = torch.cat([absmax[a * k // bs:-(-b * k // bs)] for a, b in rows[i]])
+                shape[0] = sum(b - a for a, b in rows[i])
+            if cols is not None:
+                k0, k1 = cols
+                codes = codes[:n * k // 2].view(n, k // 2)[:, k0 // 2:k1 // 2].reshape(-1)
+                absmax = absmax.view(n, k // bs)[:, k0 // bs:k1 // bs].reshape(-1)
+                shape[1] = k1 - k0
+            meta = {key: v for key, v in meta.items() if not key.startswith("nested")}
+            meta["shape"] = shape
+            cut = {"weight": codes.contiguous().view(store.dtype).reshape(-1, 1),
+                   "weight.absmax": absmax.contiguous(), self.state_key:
+                   bnb_format.build_quant_state(meta)}
+            if "weight.quant_map" in raw:
+                cut["weight.quant_map"] = raw["weight.quant_map"]
+            layer.raw_shards[i] = cut
+            layer.bnb_meta[i] = meta
 
     def reference(self, t, rows, cols, where):
         # bitsandbytes dequantizes to the weight's own dtype (the quant_state's) first.

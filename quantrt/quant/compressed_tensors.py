@@ -150,6 +150,14 @@ def _scale_shape(w: QuantArgs, rows: int, cols: int) -> tuple[int, ...]:
                               -(-cols // w.block_structure[1]))}[w.strategy]()
 
 
+def _scale_axes(w: QuantArgs) -> dict:
+    """Which axes of a scale (or zero point) follow N and K, for tensor-parallel cuts."""
+    return {"tensor": {}, "channel": {"n": (0, 1)},
+            "group": {"n": (0, 1), "k": (1, w.group_size or 1)},
+            "block": {"n": (0, (w.block_structure or (1, 1))[0]),
+                      "k": (1, (w.block_structure or (1, 1))[1])}}[w.strategy]
+
+
 def fake_quant(x: torch.Tensor, a: QuantArgs, scale: torch.Tensor | None = None,
                zero: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize-dequantize activations ``x [M, K]`` in x's dtype as compressed-tensors'
@@ -231,8 +239,9 @@ class CTLinearMethod(PackedLinearMethod):
             raise UnsupportedError(f"'{s.acts.key}': K={cols} is not a multiple of the "
                                    f"activation group size {s.acts.group_size}")
         sshape = _scale_shape(w, rows, cols)
+        axes = _scale_axes(w)
         out = {"weight_scale": TensorSpec(sshape, FLOATS, why=f"{w.strategy} scales of "
-                                                                f"N={rows} x K={cols}")}
+                                                                f"N={rows} x K={cols}", **axes)}
         if s.format == "pack-quantized":
             width = packed_length(cols, w.num_bits, s.dense)
             out["weight_packed"] = TensorSpec((rows, width), (torch.int32,),
@@ -244,12 +253,14 @@ class CTLinearMethod(PackedLinearMethod):
                     why=f"N={rows} {w.num_bits}-bit zero points packed along N per group")
         else:
             dtype = torch.float8_e4m3fn if w.type == "float" else torch.int8
-            out["weight"] = TensorSpec((rows, cols), (dtype,), why=f"N={rows} x K={cols}")
+            out["weight"] = TensorSpec((rows, cols), (dtype,), why=f"N={rows} x K={cols}",
+                                       n=(0, 1), k=(1, 1))
         if not w.symmetric and (s.format != "pack-quantized" or w.strategy == "tensor"):
-            out["weight_zero_point"] = TensorSpec(sshape, INTS, why="one per scale")
+            out["weight_zero_point"] = TensorSpec(sshape, INTS, why="one per scale", **axes)
         if w.strategy == "group":
             out["weight_g_idx"] = TensorSpec((cols,), (torch.int32, torch.int64), required=False,
-                                             why=f"the group of each of the K={cols} columns")
+                                             why=f"the group of each of the K={cols} columns",
+                                             k=(0, 1))
         if s.acts is not None and not s.acts.dynamic:
             out["input_scale"] = TensorSpec((1,), FLOATS, why="static activation scale")
             if not s.acts.symmetric:
@@ -268,6 +279,10 @@ class CTLinearMethod(PackedLinearMethod):
                               f"{tuple(tensor.tolist())} but the layer is [N={rows}, K={cols}]",
                               hint="the checkpoint does not match its config.json")
         super().load_weight(layer, name, tensor, shard)
+
+    def tp_cuts_ints(self, layer: nn.Module) -> bool:
+        # W8A8 kernels quantize activations from the stored tensors
+        return self.scheme.acts is None and super().tp_cuts_ints(layer)
 
     def _signed(self, t: dict[str, torch.Tensor], rows: int, cols: int):
         """(q signed [N, K], scale [N, G], zero signed [N, G] or None, g_idx) of an int layer."""

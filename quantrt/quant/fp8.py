@@ -82,14 +82,17 @@ class Fp8LinearMethod(PackedLinearMethod):
     def specs(self, rows: int, cols: int) -> dict[str, TensorSpec]:
         p = self.p
         specs = {"weight": TensorSpec((rows, cols), (torch.float8_e4m3fn,),
-                                      why=f"N={rows} x K={cols} float8_e4m3fn")}
+                                      why=f"N={rows} x K={cols} float8_e4m3fn",
+                                      n=(0, 1), k=(1, 1))}
         if p.scheme == "block":
             bn, bk = p.block
             specs["weight_scale_inv"] = TensorSpec(
                 (-(-rows // bn), -(-cols // bk)), SCALE_DTYPES,
-                why=f"one per {bn}x{bk} block of N={rows} x K={cols}, edge blocks partial")
+                why=f"one per {bn}x{bk} block of N={rows} x K={cols}, edge blocks partial",
+                n=(0, bn), k=(1, bk))
         elif p.scheme == "channel":
-            specs["weight_scale"] = TensorSpec((rows, 1), FLOATS, why=f"one per row, N={rows}")
+            specs["weight_scale"] = TensorSpec((rows, 1), FLOATS, why=f"one per row, N={rows}",
+                                               n=(0, 1))
         else:
             # Either name (checked in process_weights_after_loading): vLLM / transformers.
             for name in ("weight_scale", "weight_scale_inv"):

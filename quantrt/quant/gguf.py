@@ -8,13 +8,28 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+import gguf
 import torch
 from torch import nn
 
 from quantrt.errors import FormatError
+from quantrt.parallel.plan import lcm
+from quantrt.parallel.slicing import take
 from quantrt.quant.base import EmbeddingMethod, KernelChoice, LinearMethod, QuantConfig
 from quantrt.quant.ggml_kernels import FLOAT_TYPES, GGMLKernel, GGMLTensor, pick_kernel
 from quant_kernels import gguf_ref
+
+
+def block_elems(ggml_type: int) -> int:
+    """Values per GGML block (1 for float types)."""
+    return 1 if ggml_type in FLOAT_TYPES else gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)][0]
+
+
+def block_bytes(ggml_type: int) -> int:
+    """Stored columns per block: its bytes, or 1 for float types (stored as floats)."""
+    if ggml_type in FLOAT_TYPES:
+        return 1
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)][1]
 
 
 def _check(layer: nn.Module, name: str, t: Any, rows: int, cols: int) -> GGMLTensor:
@@ -46,6 +61,24 @@ class GGUFLinearMethod(LinearMethod):
     def tie_to(self, layer: nn.Module, embedding: nn.Module) -> None:
         layer.ggml_shards = [embedding.ggml]
         layer.tracker.mark("weight", 0)
+
+    def tp_units(self, layer: nn.Module) -> tuple[int, int]:
+        # rows are independent; a row is cut only between GGML blocks
+        return 1, lcm(*(block_elems(s.ggml_type) for s in layer.ggml_shards))
+
+    def shard(self, layer: nn.Module, rows, cols) -> None:
+        out = []
+        for i, s in enumerate(layer.ggml_shards):
+            if rows is not None:
+                s = GGMLTensor(take(s.data, 0, rows[i]), s.ggml_type,
+                               (sum(b - a for a, b in rows[i]), s.shape[1]))
+            if cols is not None:
+                elems, nbytes = block_elems(s.ggml_type), block_bytes(s.ggml_type)
+                byte_range = (cols[0] // elems * nbytes, cols[1] // elems * nbytes)
+                s = GGMLTensor(take(s.data, 1, [byte_range]), s.ggml_type,
+                               (s.shape[0], cols[1] - cols[0]))
+            out.append(s)
+        layer.ggml_shards = out
 
     def process_weights_after_loading(self, layer: nn.Module, device: torch.device) -> None:
         shards: list[GGMLTensor] = layer.ggml_shards
@@ -100,6 +133,10 @@ class GGUFEmbeddingMethod(EmbeddingMethod):
     def load_weight(self, layer: nn.Module, name: str, tensor: Any) -> None:
         layer.ggml = _check(layer, name, tensor, layer.num_embeddings, layer.embedding_dim)
         layer.tracker.mark("weight", 0)
+
+    def shard_rows(self, layer: nn.Module, start: int, end: int) -> None:
+        g = layer.ggml
+        layer.ggml = GGMLTensor(g.data[start:end], g.ggml_type, (end - start, g.shape[1]))
 
     def process_weights_after_loading(self, layer: nn.Module, device: torch.device) -> None:
         layer.ggml = layer.ggml.to(device)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantrt.errors import FormatError, UnsupportedError
+from quantrt.parallel.plan import lcm
+from quantrt.parallel.slicing import row_ranges_to_index, take
 from quantrt.quant.base import KernelChoice, LinearMethod
 
 
@@ -34,6 +36,10 @@ class TensorSpec:
     dtypes: tuple[torch.dtype, ...] | None = None
     required: bool = True
     why: str = ""               # how the shape follows from the layer, for error messages
+    # Tensor parallelism: (axis, elements per index) along the output rows (N) and the
+    # input columns (K); None: the tensor does not vary along that dimension (kept whole).
+    n: tuple[int, int] | None = None
+    k: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,8 +112,11 @@ class ReferenceKernel(PackedKernel):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        w = torch.cat([self.method.reference(raw, rows, layer.input_size, f"{layer.prefix}")
-                       for raw, rows in zip(layer.raw_shards, layer.output_sizes)])
+        if layer.raw_shards is None:  # a tensor-parallel cut kept only the integer form
+            w = torch.cat([iw.dequantize() for iw in layer.tp_ints])
+        else:
+            w = torch.cat([self.method.reference(raw, rows, layer.input_size, f"{layer.prefix}")
+                           for raw, rows in zip(layer.raw_shards, layer.output_sizes)])
         return F.linear(x, w.to(device=x.device, dtype=x.dtype))
 
 
@@ -185,7 +194,9 @@ class PackedLinearMethod(LinearMethod):
             refused.append((kernel_cls.name, why))
         else:  # pragma: no cover - the reference kernel accepts everything
             raise UnsupportedError(f"no kernel for {layer.prefix}")
-        if kernel_cls.keeps_raw:
+        if kernel_cls.keeps_raw and layer.raw_shards is None:
+            layer.tp_ints = [_int_to(w, device) for w in layer.tp_ints]
+        elif kernel_cls.keeps_raw:
             layer.raw_shards = [{n: t.to(device) for n, t in raw.items()}
                                 for raw in layer.raw_shards]
         layer.packed_kernel = kernel_cls(self, layer, device)
@@ -193,9 +204,12 @@ class PackedLinearMethod(LinearMethod):
         layer.format_label = self.describe(layer)
         if not kernel_cls.keeps_raw:
             layer.raw_shards = None  # the kernel holds its own repacked copy
-        layer.kernel_tensors = (
-            [t for raw in layer.raw_shards for t in raw.values()] if kernel_cls.keeps_raw
-            else []) + layer.packed_kernel.tensors()
+        if not kernel_cls.keeps_raw:
+            layer.tp_ints = None
+        kept = ([t for raw in layer.raw_shards for t in raw.values()] if layer.raw_shards
+                else [t for w in (getattr(layer, "tp_ints", None) or ())
+                      for t in (w.q, w.scales, w.zeros, w.g_idx) if t is not None])
+        layer.kernel_tensors = kept + layer.packed_kernel.tensors()
         layer.kernel_choice = KernelChoice(kernel_cls.name, tuple(refused))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,6 +218,46 @@ class PackedLinearMethod(LinearMethod):
         if bias is not None:
             y = y + bias
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    # -- tensor parallelism -------------------------------------------------------------
+    def tp_cuts_ints(self, layer: nn.Module) -> bool:
+        """Cut the integer form (one code path for every integer format) rather than the
+        stored tensors; formats whose fast kernels read the stored tensors say no."""
+        return self.shard_ints(layer) is not None
+
+    def tp_units(self, layer: nn.Module) -> tuple[int, int]:
+        if self.tp_cuts_ints(layer):
+            # whole groups per rank; act-order keeps every group's scales on every rank
+            return 1, lcm(*(1 if w.has_act_order() or w.group_size >= w.k else w.group_size
+                            for w in self.shard_ints(layer)))
+        n_units, k_units = [], []
+        for raw, rows in zip(layer.raw_shards, layer.output_sizes):
+            for name, spec in self.specs(rows, layer.input_size).items():
+                if name in raw:
+                    n_units.append(spec.n[1] if spec.n else 1)
+                    k_units.append(spec.k[1] if spec.k else 1)
+        return lcm(*n_units), lcm(*k_units)
+
+    def shard(self, layer: nn.Module, rows, cols) -> None:
+        if self.tp_cuts_ints(layer):
+            layer.tp_ints = [_cut_int(w, rows[i] if rows else None, cols)
+                             for i, w in enumerate(self.shard_ints(layer))]
+            layer._int_shards = layer.tp_ints
+            layer.raw_shards = None
+            return
+        out = []
+        for i, (raw, n) in enumerate(zip(layer.raw_shards, layer.output_sizes)):
+            specs = self.specs(n, layer.input_size)
+            cut = {}
+            for name, t in raw.items():
+                spec = specs.get(name)
+                if rows is not None and spec is not None and spec.n is not None:
+                    t = take(t, spec.n[0], rows[i], spec.n[1])
+                if cols is not None and spec is not None and spec.k is not None:
+                    t = take(t, spec.k[0], [cols], spec.k[1])
+                cut[name] = t
+            out.append(cut)
+        layer.raw_shards = out
 
     def shard_ints(self, layer: nn.Module) -> list[IntWeight] | None:
         """Every shard as an IntWeight (cached on the layer while loading), or None."""
@@ -219,3 +273,32 @@ class PackedLinearMethod(LinearMethod):
 
     def describe(self, layer: nn.Module) -> str:
         return getattr(layer, "format_label", None) or self.label
+
+
+def _int_to(w: IntWeight, device: torch.device) -> IntWeight:
+    return IntWeight(w.q.to(device), w.scales.to(device), w.zeros.to(device),
+                     None if w.g_idx is None else w.g_idx.to(device), w.group_size, w.bits)
+
+
+def _cut_int(w: IntWeight, rows: list[tuple[int, int]] | None,
+             cols: tuple[int, int] | None) -> IntWeight:
+    """Output columns ``rows`` or input rows ``cols`` of an IntWeight (q is [K, N]).  A K cut
+    starts on a group boundary unless the weight is act-order, whose g_idx keeps pointing
+    into the full (uncut) scales."""
+    q, scales, zeros, g_idx = w.q, w.scales, w.zeros, w.g_idx
+    if rows is not None:
+        idx = row_ranges_to_index(rows, q.device)
+        q, scales, zeros = q[:, idx], scales[:, idx], zeros[:, idx]
+    if cols is not None:
+        k0, k1 = cols
+        if w.has_act_order():
+            g_idx = g_idx[k0:k1]
+        else:
+            if w.group_size < w.k:
+                g0, g1 = k0 // w.group_size, -(-k1 // w.group_size)
+                scales, zeros = scales[g0:g1], zeros[g0:g1]
+            g_idx = None
+        q = q[k0:k1]
+    group = w.group_size if (w.group_size < w.k or w.has_act_order()) else q.shape[0]
+    return IntWeight(q.contiguous(), scales.contiguous(), zeros.contiguous(), g_idx, group,
+                     w.bits)

@@ -65,23 +65,30 @@ def kv_budget_for_utilization(lm: Any, utilization: float, max_num_seqs: int,
 
 def build_engine(source: str, quantization: str | None, device: str | None, dtype: str,
                  kernels: str, *, max_model_len: int | None, max_num_seqs: int,
-                 kv_cache_memory: str | None, gpu_memory_utilization: float | None) -> Any:
+                 kv_cache_memory: str | None, gpu_memory_utilization: float | None,
+                 tensor_parallel_size: int = 1) -> Any:
     from quantrt.engine.async_engine import AsyncLLMEngine
     from quantrt.engine.llm_engine import EngineConfig, LLMEngine
-    from quantrt.loader import load
+    from quantrt.parallel.launch import load_model
 
     if kv_cache_memory is not None and gpu_memory_utilization is not None:
         raise ConfigError("give --kv-cache-memory or --gpu-memory-utilization, not both")
-    options: dict[str, Any] = {"max_num_seqs": max_num_seqs, "max_model_len": max_model_len}
+    options: dict[str, Any] = {"max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
+                               "tensor_parallel_size": tensor_parallel_size}
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = parse_size(kv_cache_memory)
     config = EngineConfig.from_options(**options)          # bad values fail before the load
-    lm = load(source, quantization, device=device, dtype=dtype,
-              kernels=kernels)
-    if gpu_memory_utilization is not None:
-        config = EngineConfig.from_options(**options, kv_cache_memory=kv_budget_for_utilization(
-            lm, gpu_memory_utilization, config.max_num_seqs, config.max_num_batched_tokens))
-    return AsyncLLMEngine(LLMEngine(lm, config))
+    lm, executor = load_model(source, quantization, tensor_parallel_size, device=device,
+                              dtype=dtype, kernels=kernels)
+    try:
+        if gpu_memory_utilization is not None:
+            config = EngineConfig.from_options(**options, kv_cache_memory=kv_budget_for_utilization(
+                lm, gpu_memory_utilization, config.max_num_seqs, config.max_num_batched_tokens))
+        return AsyncLLMEngine(LLMEngine(lm, config, executor))
+    except BaseException:
+        if executor is not None:
+            executor.shutdown()
+        raise
 
 
 def serve(engine: Any, model_name: str, *, host: str, port: int, api_key: str | None,
