@@ -5,8 +5,9 @@
 ``scale = max(min(amax(|x_row|), ub) / 448, 1e-12)`` and ``xq = clamp(x / scale)`` rounded
 to e4m3: the same numbers as the torch expression it replaces in the W8A8 kernel
 (``quantrt.quant.fp8_kernels``), which spends four passes over x (abs/amax, float(),
-divide/clamp, cast).  Here one program per row reads the row twice (amax, then quantize;
-the second read hits L2) and writes one byte per value.
+divide/clamp, cast).  Here one program per row reads the row once (K <= 16384: it stays
+in registers; longer rows are read twice, the second time from L2) and writes one byte
+per value.
 """
 from __future__ import annotations
 
@@ -37,24 +38,37 @@ def quant_per_token_ref(x: torch.Tensor, ub: float | None = None):
 if HAS_TRITON:
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, UB,
-                           HAS_UB: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_UB: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+        # ONE_PASS (K <= BLOCK): the row stays in registers between amax and quantize
         row = tl.program_id(0).to(tl.int64)
         xr = x_ptr + row * stride_xm
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
+        if ONE_PASS:
+            offs = tl.arange(0, BLOCK)
             v = tl.load(xr + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(v))
-        a = tl.max(amax, axis=0)
+            a = tl.max(tl.abs(v), axis=0)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)
+                v = tl.load(xr + offs, mask=offs < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            a = tl.max(amax, axis=0)
         if HAS_UB:
             a = tl.minimum(a, UB)
         s = tl.maximum(a / 448.0, 1e-12)
         tl.store(s_ptr + row, s)
-        for k0 in range(0, K, BLOCK):
-            offs = k0 + tl.arange(0, BLOCK)
-            v = tl.load(xr + offs, mask=offs < K, other=0.0).to(tl.float32)
+        if ONE_PASS:
             q = tl.minimum(tl.maximum(v / s, -448.0), 448.0)
             tl.store(q_ptr + row * stride_qm + offs, q.to(tl.float8e4nv), mask=offs < K)
+        else:
+            for k0 in range(0, K, BLOCK):
+                offs = k0 + tl.arange(0, BLOCK)
+                v = tl.load(xr + offs, mask=offs < K, other=0.0).to(tl.float32)
+                q = tl.minimum(tl.maximum(v / s, -448.0), 448.0)
+                tl.store(q_ptr + row * stride_qm + offs, q.to(tl.float8e4nv), mask=offs < K)
+
+
+ONE_PASS_MAX_K = 16384  # 64 fp32 registers per thread at 8 warps
 
 
 def quant_per_token(x: torch.Tensor, ub: float | None = None):
@@ -70,8 +84,10 @@ def quant_per_token(x: torch.Tensor, ub: float | None = None):
     q = torch.empty(m, k, device=x.device, dtype=torch.float8_e4m3fn)
     s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     if m:
-        block = min(4096, triton.next_power_of_2(max(k, 16)))
+        one_pass = k <= ONE_PASS_MAX_K
+        block = triton.next_power_of_2(max(k, 16)) if one_pass else 4096
         _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0),
                                  float(ub) if ub is not None else 0.0, HAS_UB=ub is not None,
-                                 BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                 BLOCK=block, ONE_PASS=one_pass,
+                                 num_warps=8 if block >= 2048 else 4)
     return q, s

@@ -136,14 +136,13 @@ def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=8):
 
 
 GEMM_CONFIGS = [
-    # small M: weight streaming, split K when the N tiles alone do not fill the GPU
-    _cfg(32, 64, 128, 1, 4, 4), _cfg(32, 128, 64, 2, 4, 4), _cfg(64, 64, 128, 1, 4, 4),
-    _cfg(64, 128, 64, 2, 4, 4),
+    # M <= 256: weight streaming; split K while the M x N tiles do not fill the GPU
+    _cfg(32, 64, 128, 1, 4, 4), _cfg(32, 64, 128, 4, 4, 4), _cfg(64, 64, 128, 1, 4, 4),
+    _cfg(64, 64, 128, 2, 4, 4), _cfg(64, 128, 128, 1, 4, 3),
     # large M: big tiles, 8 warps (two warpgroups on Hopper)
-    _cfg(64, 128, 128, 1, 4, 3), _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 3),
-    _cfg(128, 128, 128, 1, 8, 3), _cfg(256, 128, 64, 1, 8, 3),
-    # group 32
-    _cfg(64, 64, 32, 1, 4, 4), _cfg(128, 128, 32, 1, 8, 4),
+    _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 128, 64, 1, 8, 4, 16),
+    # group 32 / 64
+    _cfg(64, 64, 32, 1, 4, 4), _cfg(128, 128, 32, 1, 8, 4), _cfg(64, 64, 64, 1, 4, 4),
 ]
 SAFE_GEMM_CONFIG = _cfg(64, 64, 32, 1, 4, 3)
 
@@ -163,7 +162,7 @@ def _prune_gemm(configs, named_args, **kwargs):
         if bm > max(32, mb) or (mb >= 512 and bm < 64):
             continue
         tiles = triton.cdiv(mb, bm) * triton.cdiv(n, bn)
-        if sk > 1 and (n > SPLITK_MAX_N or mb > 64 or tiles >= sms or sk > triton.cdiv(k, bk)):
+        if sk > 1 and (n > SPLITK_MAX_N or mb > 256 or tiles >= sms or sk > triton.cdiv(k, bk)):
             continue
         kept.append(c)
     return kept or [SAFE_GEMM_CONFIG]

@@ -336,15 +336,17 @@ def _cfg(bm, bn, bk, sk, warps=4, stages=3):
                          num_warps=warps, num_stages=stages)
 
 
+# From scripts/sweep_wq.py on the H100 (BENCHMARKS.md): a weight-streaming kernel needs
+# ~4 programs per SM, so split K 4-8 ways unless N alone gives that many tiles.
 GEMV_CONFIGS = [
     # tl.dot path (any M <= 16): the pipeliner stages loads through shared memory
-    _cfg(16, 64, 128, 1), _cfg(16, 128, 128, 1), _cfg(16, 64, 128, 2), _cfg(16, 64, 128, 4),
-    _cfg(16, 128, 128, 4), _cfg(16, 64, 256, 1), _cfg(16, 64, 256, 4),
-    _cfg(16, 64, 64, 1, 4, 4), _cfg(16, 64, 64, 4, 4, 4),
-    _cfg(16, 64, 32, 1, 4, 4), _cfg(16, 64, 32, 4, 4, 4),
+    _cfg(16, 64, 128, 4, 4, 3), _cfg(16, 64, 128, 8, 4, 3), _cfg(16, 128, 128, 4, 8, 4),
+    _cfg(16, 64, 256, 4, 4, 3), _cfg(16, 64, 64, 4, 4, 4), _cfg(16, 64, 32, 4, 4, 4),
+    _cfg(16, 64, 128, 1, 4, 3), _cfg(16, 64, 64, 1, 4, 4),  # N alone fills the GPU (lm_head)
     # FMA path (M == 1): prefetches by hand, so one stage
-    _cfg(1, 64, 128, 1, 4, 1), _cfg(1, 128, 128, 1, 4, 1), _cfg(1, 64, 128, 4, 4, 1),
-    _cfg(1, 64, 256, 1, 4, 1), _cfg(1, 64, 64, 1, 4, 1), _cfg(1, 64, 32, 1, 4, 1),
+    _cfg(1, 64, 128, 4, 4, 1), _cfg(1, 64, 128, 2, 2, 1), _cfg(1, 32, 128, 4, 4, 1),
+    _cfg(1, 16, 128, 2, 2, 1), _cfg(1, 64, 256, 2, 4, 1), _cfg(1, 64, 64, 4, 4, 1),
+    _cfg(1, 64, 32, 4, 4, 1), _cfg(1, 64, 128, 1, 4, 1), _cfg(1, 64, 64, 1, 4, 1),
 ]
 SAFE_GEMV_CONFIG = _cfg(16, 32, 32, 1)  # fits every layout; the pruner's last resort
 

@@ -20,6 +20,10 @@ from quantrt.quant.base import fast_kernel_refusal
 from quantrt.quant.packed import PackedKernel, ReferenceKernel
 
 E4M3_MAX = fp8_format.E4M3_MAX
+# cuBLASLt's fp8 "fast accumulation" (no periodic promotion of the tensor cores' partial
+# sums to fp32): placeholder until measured (scripts/sweep_wq.py reports its speed and
+# its error next to the activation quantization's own error).
+FAST_ACCUM = False
 
 
 def _row_scales(method, layer) -> torch.Tensor:
@@ -32,7 +36,8 @@ def _row_scales(method, layer) -> torch.Tensor:
 
 
 def w8a8_matmul(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor,
-                in_scale: torch.Tensor | None = None, ub: float | None = None) -> torch.Tensor:
+                in_scale: torch.Tensor | None = None, ub: float | None = None,
+                fast_accum: bool | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` with FP8 weights ``w_t`` ([K, N] column-major e4m3) and row scales
     ``w_scale`` [1, N]: x is quantized per token (one Triton pass on CUDA) or with the
     static per-tensor ``in_scale``, then one ``torch._scaled_mm``."""
@@ -42,7 +47,8 @@ def w8a8_matmul(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor,
     else:
         xq, s = quant_per_token(x, ub)
     # Row-wise scaled FP8 GEMMs produce bfloat16 (what cuBLASLt supports for them).
-    y = torch._scaled_mm(xq, w_t, scale_a=s, scale_b=w_scale, out_dtype=torch.bfloat16)
+    y = torch._scaled_mm(xq, w_t, scale_a=s, scale_b=w_scale, out_dtype=torch.bfloat16,
+                         use_fast_accum=FAST_ACCUM if fast_accum is None else fast_accum)
     return y.to(x.dtype)
 
 
