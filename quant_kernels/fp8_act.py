@@ -39,7 +39,8 @@ if HAS_TRITON:
     @triton.jit
     def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, UB,
                            HAS_UB: tl.constexpr, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
-        # ONE_PASS (K <= BLOCK): the row stays in registers between amax and quantize
+        # ONE_PASS (K <= BLOCK): the row stays in registers between amax and quantize.
+        # div_rn: IEEE division like torch's (the default fp32 division may differ by an ulp)
         row = tl.program_id(0).to(tl.int64)
         xr = x_ptr + row * stride_xm
         if ONE_PASS:
@@ -58,13 +59,13 @@ if HAS_TRITON:
         s = tl.maximum(a / 448.0, 1e-12)
         tl.store(s_ptr + row, s)
         if ONE_PASS:
-            q = tl.minimum(tl.maximum(v / s, -448.0), 448.0)
+            q = tl.minimum(tl.maximum(tl.div_rn(v, s), -448.0), 448.0)
             tl.store(q_ptr + row * stride_qm + offs, q.to(tl.float8e4nv), mask=offs < K)
         else:
             for k0 in range(0, K, BLOCK):
                 offs = k0 + tl.arange(0, BLOCK)
                 v = tl.load(xr + offs, mask=offs < K, other=0.0).to(tl.float32)
-                q = tl.minimum(tl.maximum(v / s, -448.0), 448.0)
+                q = tl.minimum(tl.maximum(tl.div_rn(v, s), -448.0), 448.0)
                 tl.store(q_ptr + row * stride_qm + offs, q.to(tl.float8e4nv), mask=offs < K)
 
 

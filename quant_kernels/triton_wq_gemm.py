@@ -135,14 +135,15 @@ def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=8):
                           "SPLIT_K": sk}, num_warps=warps, num_stages=stages)
 
 
+# From scripts/sweep_wq.py on the H100 (BENCHMARKS.md): up to M = 256 the weight is
+# streamed and the grid must fill 132 SMs, hence split K on the 64-row tiles.
 GEMM_CONFIGS = [
-    # M <= 256: weight streaming; split K while the M x N tiles do not fill the GPU
-    _cfg(32, 64, 128, 1, 4, 4), _cfg(32, 64, 128, 4, 4, 4), _cfg(64, 64, 128, 1, 4, 4),
-    _cfg(64, 64, 128, 2, 4, 4), _cfg(64, 128, 128, 1, 4, 3),
-    # large M: big tiles, 8 warps (two warpgroups on Hopper)
-    _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 128, 64, 1, 8, 4, 16),
+    _cfg(64, 64, 128, 2, 4, 4), _cfg(64, 64, 128, 4, 4, 4), _cfg(64, 128, 128, 2, 4, 3),
+    _cfg(64, 64, 128, 1, 4, 4), _cfg(32, 64, 128, 4, 4, 4),
+    _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 64, 128, 1, 4, 3),
     # group 32 / 64
-    _cfg(64, 64, 32, 1, 4, 4), _cfg(128, 128, 32, 1, 8, 4), _cfg(64, 64, 64, 1, 4, 4),
+    _cfg(64, 64, 32, 2, 4, 4), _cfg(64, 64, 32, 1, 4, 4), _cfg(128, 128, 32, 1, 8, 4),
+    _cfg(64, 64, 64, 2, 4, 4), _cfg(64, 64, 64, 1, 4, 4),
 ]
 SAFE_GEMM_CONFIG = _cfg(64, 64, 32, 1, 4, 3)
 

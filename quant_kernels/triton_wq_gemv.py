@@ -344,8 +344,8 @@ GEMV_CONFIGS = [
     _cfg(16, 64, 256, 4, 4, 3), _cfg(16, 64, 64, 4, 4, 4), _cfg(16, 64, 32, 4, 4, 4),
     _cfg(16, 64, 128, 1, 4, 3), _cfg(16, 64, 64, 1, 4, 4),  # N alone fills the GPU (lm_head)
     # FMA path (M == 1): prefetches by hand, so one stage
-    _cfg(1, 64, 128, 4, 4, 1), _cfg(1, 64, 128, 2, 2, 1), _cfg(1, 32, 128, 4, 4, 1),
-    _cfg(1, 16, 128, 2, 2, 1), _cfg(1, 64, 256, 2, 4, 1), _cfg(1, 64, 64, 4, 4, 1),
+    _cfg(1, 32, 128, 4, 2, 1), _cfg(1, 64, 128, 8, 4, 1), _cfg(1, 64, 128, 4, 4, 1),
+    _cfg(1, 64, 128, 2, 2, 1), _cfg(1, 64, 256, 2, 4, 1), _cfg(1, 64, 64, 4, 4, 1),
     _cfg(1, 64, 32, 4, 4, 1), _cfg(1, 64, 128, 1, 4, 1), _cfg(1, 64, 64, 1, 4, 1),
 ]
 SAFE_GEMV_CONFIG = _cfg(16, 32, 32, 1)  # fits every layout; the pruner's last resort
