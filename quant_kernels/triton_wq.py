@@ -42,9 +42,10 @@ except ImportError:  # pragma: no cover - hosts without Triton keep the torch pa
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16
-# Placeholder until measured on the H100 (scripts/bench_kernels.py reports both paths
-# for M >= 64): above this M, dequantize-then-cuBLAS replaces the fused GEMM.
-DEQUANT_GEMM_MIN_M = 1024
+# From M = 512 on, dequantize + cuBLAS beat the fused GEMM on every H100 shape measured
+# (scripts/sweep_wq.py, BENCHMARKS.md: 8192x8192 M=512 154.7 us vs 168.6 us); at M = 256
+# the fused kernel still won on three of the four shapes.
+DEQUANT_GEMM_MIN_M = 512
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_wq_gemv import (INTERPRET, SPLITK_MAX_N, _post_hook, autotune_kwargs, launch_tuned,
+from .triton_wq_gemv import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
                              dequant_tile, dequant_tile_fast, fast_dequant_ok,
-                             interpret_tiles, k_tile_ok, load_tile, m_bucket, mma, num_sms,
-                             splitk_reduce, splitk_workspace)
+                             interpret_tiles, k_tile_ok, launch_tuned, load_tile, m_bucket, mma,
+                             num_sms, split_locks, splitk_store, splitk_workspace)
 from .wq_layout import WQWeight
 
 GEMM_M_CAP = 4096  # autotune buckets above this reuse the 4096 choice
@@ -31,8 +31,8 @@ GEMM_M_CAP = 4096  # autotune buckets above this reuse the 4096 choice
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _wq_gemm_kernel(
     # pointers: activations [M, K], packed weight [N, KW], scales/bias [N, Gn],
-    # output [M, N], fp32 split-K partials [SPLIT_K, M, N]
-    x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
+    # output [M, N], fp32 split-K partials [SPLIT_K, M, N], split-K tile counters
+    x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     # sizes (M_BUCKET only keys the autotuner)
     M, N, K, KW, GROUP, M_BUCKET,
     # strides
@@ -80,11 +80,12 @@ def _wq_gemm_kernel(
         acc = mma(x, tl.trans(w), acc)
 
     mask = m_mask[:, None] & n_mask[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     if SPLIT_K == 1:
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(ws_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+        splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[:, None] * N + offs_n[None, :],
+                     mask, M * N, pid, SPLIT_K)
 
 
 @triton.jit
@@ -134,15 +135,15 @@ def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=8):
                           "SPLIT_K": sk}, num_warps=warps, num_stages=stages)
 
 
+# From scripts/sweep_wq.py on the H100 (BENCHMARKS.md): up to M = 256 the weight is
+# streamed and the grid must fill 132 SMs, hence split K on the 64-row tiles.
 GEMM_CONFIGS = [
-    # small M: weight streaming, split K when the N tiles alone do not fill the GPU
-    _cfg(32, 64, 128, 1, 4, 4), _cfg(32, 128, 64, 2, 4, 4), _cfg(64, 64, 128, 1, 4, 4),
-    _cfg(64, 128, 64, 2, 4, 4),
-    # large M: big tiles, 8 warps (two warpgroups on Hopper)
-    _cfg(64, 128, 128, 1, 4, 3), _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 3),
-    _cfg(128, 128, 128, 1, 8, 3), _cfg(256, 128, 64, 1, 8, 3),
-    # group 32
-    _cfg(64, 64, 32, 1, 4, 4), _cfg(128, 128, 32, 1, 8, 4),
+    _cfg(64, 64, 128, 2, 4, 4), _cfg(64, 64, 128, 4, 4, 4), _cfg(64, 128, 128, 2, 4, 3),
+    _cfg(64, 64, 128, 1, 4, 4), _cfg(32, 64, 128, 4, 4, 4),
+    _cfg(128, 128, 64, 1, 8, 3), _cfg(128, 64, 128, 1, 4, 3),
+    # group 32 / 64
+    _cfg(64, 64, 32, 2, 4, 4), _cfg(64, 64, 32, 1, 4, 4), _cfg(128, 128, 32, 1, 8, 4),
+    _cfg(64, 64, 64, 2, 4, 4), _cfg(64, 64, 64, 1, 4, 4),
 ]
 SAFE_GEMM_CONFIG = _cfg(64, 64, 32, 1, 4, 3)
 
@@ -162,7 +163,7 @@ def _prune_gemm(configs, named_args, **kwargs):
         if bm > max(32, mb) or (mb >= 512 and bm < 64):
             continue
         tiles = triton.cdiv(mb, bm) * triton.cdiv(n, bn)
-        if sk > 1 and (n > SPLITK_MAX_N or mb > 64 or tiles >= sms or sk > triton.cdiv(k, bk)):
+        if sk > 1 and (n > SPLITK_MAX_N or mb > 256 or tiles >= sms or sk > triton.cdiv(k, bk)):
             continue
         kept.append(c)
     return kept or [SAFE_GEMM_CONFIG]
@@ -170,8 +171,7 @@ def _prune_gemm(configs, named_args, **kwargs):
 
 _gemm_tuned = triton.autotune(
     configs=GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "BITS"],
-    prune_configs_by={"early_config_prune": _prune_gemm}, post_hook=_post_hook,
-    **autotune_kwargs())(_wq_gemm_kernel)
+    prune_configs_by={"early_config_prune": _prune_gemm}, **autotune_kwargs())(_wq_gemm_kernel)
 
 
 def gemm(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
@@ -184,23 +184,22 @@ def gemm(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
         config = _cfg(min(64, triton.next_power_of_2(m)), bn, bk, sk, gm=2)
     ws = splitk_workspace(x.device, m, n, GEMM_CONFIGS, config)
     fast = fast_dequant_ok(x.dtype, w.bits)
-    args = (x, w.qweight, w.scales, w.bias, out, ws,
+    args = (x, w.qweight, w.scales, w.bias, out, ws, split_locks(x.device),
             m, n, k, w.qweight.shape[1], w.group_size, m_bucket(m, GEMM_M_CAP),
             x.stride(0), x.stride(1), w.qweight.stride(0), w.qweight.stride(1),
             w.scales.stride(0), w.scales.stride(1), w.bias.stride(0), w.bias.stride(1),
             out.stride(0), out.stride(1))
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),
-                meta["SPLIT_K"])
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        if meta["SPLIT_K"] > 1 and tiles > MAX_SPLIT_TILES:
+            raise ValueError(f"split-K over {tiles} output tiles: more than the "
+                             f"{MAX_SPLIT_TILES} counters (use SPLIT_K=1)")
+        return (tiles, meta["SPLIT_K"])
     if config is not None:
         _wq_gemm_kernel[grid(config.kwargs)](*args, BITS=w.bits, FAST=fast,
                                              **config.all_kwargs())
-        split = config.kwargs["SPLIT_K"]
     else:
-        cfg = launch_tuned(w.plans, ("gemm", m_bucket(m, GEMM_M_CAP), x.dtype), _wq_gemm_kernel,
-                           _gemm_tuned, grid, args, {"BITS": w.bits, "FAST": fast})
-        split = cfg.kwargs["SPLIT_K"]
-    if split > 1:
-        splitk_reduce(ws, out, split)
+        launch_tuned(w.plans, ("gemm", m_bucket(m, GEMM_M_CAP), x.dtype), _wq_gemm_kernel,
+                     _gemm_tuned, grid, args, {"BITS": w.bits, "FAST": fast})
     return out

@@ -174,12 +174,32 @@ def dequant_tile_fast(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr):
         return _natural_order(q0, q1, q2, q3, None, None, None, None, 8)
 
 
+@device_fn
+def splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, ws_offs, mask, MN, tile,
+                 SPLIT_K: tl.constexpr):
+    """Split-K epilogue in the same launch: write this split's fp32 partial, count the
+    tile's arrivals, and the last split to arrive sums all partials in split order
+    (deterministic), writes the output and re-arms the counter (no second kernel, no
+    zero-fill)."""
+    tl.store(ws_ptr + tl.program_id(1) * MN + ws_offs, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is issued before the release below
+    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if count == SPLIT_K - 1:
+        total = tl.zeros_like(acc)
+        for sk in tl.static_range(SPLIT_K):
+            # .cg: read the other programs' partials from L2, never a stale L1 line
+            total += tl.load(ws_ptr + sk * MN + ws_offs, mask=mask, other=0.0,
+                             cache_modifier=".cg")
+        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(lock_ptr + tile, 0)
+
+
 # ----------------------------------------------------------------------------- kernels
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _wq_gemv_kernel(
     # pointers: activations [M, K], packed weight [N, KW], scales/bias [N, Gn],
-    # output [M, N], fp32 split-K partials [SPLIT_K, M, N]
-    x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
+    # output [M, N], fp32 split-K partials [SPLIT_K, M, N], split-K tile counters
+    x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr,
     # sizes (M_BUCKET only keys the autotuner)
     M, N, K, KW, GROUP, M_BUCKET,
     # strides
@@ -190,8 +210,11 @@ def _wq_gemv_kernel(
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # BLOCK_M == 1: the FMA path (M == 1 only); else: tl.dot with M padded to BLOCK_M
+    # (grid axis 2 walks M tiles: with BLOCK_M > 16 this is the weight-stationary
+    # "swap AB" GEMM whose dequantized tile feeds the MMA from registers)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
@@ -220,15 +243,16 @@ def _wq_gemv_kernel(
             kk = k0 + offs_k
             x = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
             fx = tl.sum(unpack_unit(words, BITS) * x[None, :], axis=1)
-            sx = tl.sum(tl.broadcast_to(x[None, :], (BLOCK_N, BLOCK_K)), axis=1)
+            sx = tl.sum(x, axis=0)  # one scalar per tile, shared by every row
             acc += s.to(tl.float32) * (1 << BITS) * (fx - sx) + b.to(tl.float32) * sx
             words, s, b = nxt_words, nxt_s, nxt_b
         if SPLIT_K == 1:
             tl.store(out_ptr + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
         else:
-            tl.store(ws_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+            splitk_store(acc, ws_ptr, lock_ptr, out_ptr + offs_n * stride_on, offs_n, n_mask,
+                         M * N, pid_n, SPLIT_K)
     else:
-        offs_m = tl.arange(0, BLOCK_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for kt in range(kt_lo, kt_hi):
@@ -245,37 +269,31 @@ def _wq_gemv_kernel(
                          mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
             acc = mma(w, xt, acc)
         mask = n_mask[:, None] & m_mask[None, :]
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         if SPLIT_K == 1:
-            tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on,
-                     acc.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(ws_ptr + (pid_k * M + offs_m[None, :]) * N + offs_n[:, None], acc, mask=mask)
-
-
-@triton.jit(do_not_specialize=["M"])
-def _splitk_reduce_kernel(
-    ws_ptr, out_ptr,            # fp32 [SPLIT_K, M, N] partials -> output [M, N]
-    M, N, stride_om, stride_on,
-    SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
-    m = offs // N
-    n = offs % N
-    tl.store(out_ptr + m * stride_om + n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def splitk_reduce(ws: torch.Tensor, out: torch.Tensor, split_k: int) -> None:
-    m, n = out.shape
-    block = 1024
-    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-        ws, out, m, n, out.stride(0), out.stride(1), SPLIT_K=split_k, BLOCK=block)
+            splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[None, :] * N + offs_n[:, None],
+                         mask, M * N, pid_m * tl.num_programs(0) + pid_n, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- tuning
+MAX_SPLIT_TILES = 1 << 16  # split-K tile counters per device (grid N tiles x M tiles)
+_locks: dict = {}
+
+
+def split_locks(device) -> torch.Tensor:
+    """Zeroed int32 counters, one per output tile of a split-K launch, shared by every
+    launch on ``device``: each launch leaves them at zero again.  Launches on one stream
+    run one after another, which is how the runtime uses them (two split-K launches on
+    concurrent streams would need their own counters)."""
+    key = torch.device(device)
+    t = _locks.get(key)
+    if t is None:
+        t = _locks[key] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=key)
+    return t
+
+
 def splitk_workspace(device, m: int, n: int, configs, config=None) -> torch.Tensor:
     """fp32 partials for the largest split the launch may pick (1 element if none)."""
     if config is not None:
@@ -283,15 +301,6 @@ def splitk_workspace(device, m: int, n: int, configs, config=None) -> torch.Tens
     else:
         split = max(c.kwargs["SPLIT_K"] for c in configs) if n <= SPLITK_MAX_N else 1
     return torch.empty(split * m * n if split > 1 else 1, device=device, dtype=torch.float32)
-
-
-def _post_hook(nargs, exception=None):
-    # The autotuner times kernel + post_hook, so split-K configs pay for their reduction.
-    if exception is None and nargs["SPLIT_K"] > 1:
-        out = nargs["out_ptr"]
-        _splitk_reduce_kernel[(triton.cdiv(nargs["M"] * nargs["N"], 1024),)](
-            nargs["ws_ptr"], out, nargs["M"], nargs["N"], nargs["stride_om"],
-            nargs["stride_on"], SPLIT_K=nargs["SPLIT_K"], BLOCK=1024)
 
 
 def autotune_kwargs() -> dict:
@@ -327,15 +336,17 @@ def _cfg(bm, bn, bk, sk, warps=4, stages=3):
                          num_warps=warps, num_stages=stages)
 
 
+# From scripts/sweep_wq.py on the H100 (BENCHMARKS.md): a weight-streaming kernel needs
+# ~4 programs per SM, so split K 4-8 ways unless N alone gives that many tiles.
 GEMV_CONFIGS = [
     # tl.dot path (any M <= 16): the pipeliner stages loads through shared memory
-    _cfg(16, 64, 128, 1), _cfg(16, 128, 128, 1), _cfg(16, 64, 128, 2), _cfg(16, 64, 128, 4),
-    _cfg(16, 128, 128, 4), _cfg(16, 64, 256, 1), _cfg(16, 64, 256, 4),
-    _cfg(16, 64, 64, 1, 4, 4), _cfg(16, 64, 64, 4, 4, 4),
-    _cfg(16, 64, 32, 1, 4, 4), _cfg(16, 64, 32, 4, 4, 4),
+    _cfg(16, 64, 128, 4, 4, 3), _cfg(16, 64, 128, 8, 4, 3), _cfg(16, 128, 128, 4, 8, 4),
+    _cfg(16, 64, 256, 4, 4, 3), _cfg(16, 64, 64, 4, 4, 4), _cfg(16, 64, 32, 4, 4, 4),
+    _cfg(16, 64, 128, 1, 4, 3), _cfg(16, 64, 64, 1, 4, 4),  # N alone fills the GPU (lm_head)
     # FMA path (M == 1): prefetches by hand, so one stage
-    _cfg(1, 64, 128, 1, 4, 1), _cfg(1, 128, 128, 1, 4, 1), _cfg(1, 64, 128, 4, 4, 1),
-    _cfg(1, 64, 256, 1, 4, 1), _cfg(1, 64, 64, 1, 4, 1), _cfg(1, 64, 32, 1, 4, 1),
+    _cfg(1, 32, 128, 4, 2, 1), _cfg(1, 64, 128, 8, 4, 1), _cfg(1, 64, 128, 4, 4, 1),
+    _cfg(1, 64, 128, 2, 2, 1), _cfg(1, 64, 256, 2, 4, 1), _cfg(1, 64, 64, 4, 4, 1),
+    _cfg(1, 64, 32, 4, 4, 1), _cfg(1, 64, 128, 1, 4, 1), _cfg(1, 64, 64, 1, 4, 1),
 ]
 SAFE_GEMV_CONFIG = _cfg(16, 32, 32, 1)  # fits every layout; the pruner's last resort
 
@@ -368,8 +379,42 @@ def _prune_gemv(configs, named_args, **kwargs):
 
 _gemv_tuned = triton.autotune(
     configs=GEMV_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "BITS"],
-    prune_configs_by={"early_config_prune": _prune_gemv}, post_hook=_post_hook,
-    **autotune_kwargs())(_wq_gemv_kernel)
+    prune_configs_by={"early_config_prune": _prune_gemv}, **autotune_kwargs())(_wq_gemv_kernel)
+
+
+def _args(x, w, out, ws, bucket_cap):
+    m, k = x.shape
+    return (x, w.qweight, w.scales, w.bias, out, ws, split_locks(x.device),
+            m, w.n, k, w.qweight.shape[1], w.group_size, m_bucket(m, bucket_cap),
+            x.stride(0), x.stride(1), w.qweight.stride(0), w.qweight.stride(1),
+            w.scales.stride(0), w.scales.stride(1), w.bias.stride(0), w.bias.stride(1),
+            out.stride(0), out.stride(1))
+
+
+def _grid(m: int, n: int):
+    def grid(meta):
+        tiles = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"],
+                 triton.cdiv(m, max(meta["BLOCK_M"], 1)))
+        if meta["SPLIT_K"] > 1 and tiles[0] * tiles[2] > MAX_SPLIT_TILES:
+            raise ValueError(f"split-K over {tiles[0] * tiles[2]} output tiles: more than "
+                             f"the {MAX_SPLIT_TILES} counters (use SPLIT_K=1)")
+        return tiles
+    return grid
+
+
+def run_config(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
+               config: triton.Config) -> torch.Tensor:
+    """One launch of the weight-stationary kernel with a pinned config, any M (BLOCK_M == 1
+    takes M == 1 only); x already permuted.  The prefill path uses it with BLOCK_M > 16."""
+    m = x.shape[0]
+    bm = config.kwargs["BLOCK_M"]
+    if bm == 1 and m != 1:
+        raise ValueError(f"config BLOCK_M=1 (the FMA path) takes M == 1, got M={m}")
+    ws = splitk_workspace(x.device, m, w.n, [config], config)
+    _wq_gemv_kernel[_grid(m, w.n)(config.kwargs)](
+        *_args(x, w, out, ws, max(bm, 1)), BITS=w.bits,
+        FAST=fast_dequant_ok(x.dtype, w.bits), **config.all_kwargs())
+    return out
 
 
 def gemv(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
@@ -379,32 +424,17 @@ def gemv(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
     ``config`` pins one config (tests); otherwise autotuned (one fixed config when
     interpreting).
     """
-    m, k = x.shape
-    n = w.n
+    m = x.shape[0]
     if m > DECODE_MAX_M:
         raise ValueError(f"gemv takes M <= {DECODE_MAX_M}, got {m}")
     if config is None and INTERPRET:
-        config = _cfg(1 if m == 1 else 16, *interpret_tiles(n, w))
-    if config is not None and config.kwargs["BLOCK_M"] < m:
-        raise ValueError(f"config BLOCK_M={config.kwargs['BLOCK_M']} < M={m}")
-    ws = splitk_workspace(x.device, m, n, GEMV_CONFIGS, config)
-    fast = fast_dequant_ok(x.dtype, w.bits)
-    args = (x, w.qweight, w.scales, w.bias, out, ws,
-            m, n, k, w.qweight.shape[1], w.group_size, m_bucket(m, DECODE_MAX_M),
-            x.stride(0), x.stride(1), w.qweight.stride(0), w.qweight.stride(1),
-            w.scales.stride(0), w.scales.stride(1), w.bias.stride(0), w.bias.stride(1),
-            out.stride(0), out.stride(1))
+        config = _cfg(1 if m == 1 else 16, *interpret_tiles(w.n, w))
     if config is not None:
-        grid = (triton.cdiv(n, config.kwargs["BLOCK_N"]), config.kwargs["SPLIT_K"])
-        _wq_gemv_kernel[grid](*args, BITS=w.bits, FAST=fast, **config.all_kwargs())
-        split = config.kwargs["SPLIT_K"]
-    else:
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
-        cfg = launch_tuned(w.plans, ("gemv", m_bucket(m, DECODE_MAX_M), x.dtype),
-                           _wq_gemv_kernel, _gemv_tuned, grid, args,
-                           {"BITS": w.bits, "FAST": fast})
-        split = cfg.kwargs["SPLIT_K"]
-    if split > 1:
-        splitk_reduce(ws, out, split)
+        if config.kwargs["BLOCK_M"] < m:
+            raise ValueError(f"config BLOCK_M={config.kwargs['BLOCK_M']} < M={m}")
+        return run_config(x, w, out, config)
+    ws = splitk_workspace(x.device, m, w.n, GEMV_CONFIGS)
+    launch_tuned(w.plans, ("gemv", m_bucket(m, DECODE_MAX_M), x.dtype), _wq_gemv_kernel,
+                 _gemv_tuned, _grid(m, w.n), _args(x, w, out, ws, DECODE_MAX_M),
+                 {"BITS": w.bits, "FAST": fast_dequant_ok(x.dtype, w.bits)})
     return out

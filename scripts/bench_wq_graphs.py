@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from quant_kernels.triton_wq import pack_wq, wq_matmul, wq_reference
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
-MS = [1, 4, 16, 64, 256]
+MS = [1, 4, 16, 64, 256, 1024, 4096]
 ROTATE = 8  # weight copies per graph so the 50 MB L2 cannot hold them
 
 

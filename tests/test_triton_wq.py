@@ -259,7 +259,7 @@ def test_matmul_rejects_bad_input():
 def test_gemv_pruner(m, n, k, g):
     args = dict(x_ptr=torch.empty(1), N=n, K=k, GROUP=g, M_BUCKET=gv.m_bucket(m, 16))
     kept = gv._prune_gemv(gv.GEMV_CONFIGS, args)
-    assert kept and len(kept) <= 8
+    assert kept and len(kept) <= 10  # autotuning time per shape
     for c in kept:
         bm, bk, sk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
         assert (g % bk == 0 or g == k) and (bm == 16 or m == 1)

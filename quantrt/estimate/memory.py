@@ -200,7 +200,7 @@ SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4 + 4
 
 # quant_kernels.triton_wq.DEQUANT_GEMM_MIN_M (kept here so estimates need no Triton import;
 # tests/test_estimate_kernels.py checks that the two agree)
-DEQUANT_GEMM_MIN_M = 1024
+DEQUANT_GEMM_MIN_M = 512
 
 
 def activation_peak(arch: Arch, tp: int, layout: Layout, tokens: int, seqs: int,
