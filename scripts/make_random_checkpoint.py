@@ -97,7 +97,21 @@ def make(shape: str, fmt: str, out: Path, seed: int = 0) -> Path:
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_byte_tokenizer(out)
+    add_chat_template(out)
     return out
+
+
+# A plain role-tagged template, so chat endpoints (quantrt serve, bench_serve.py) work on
+# these checkpoints; the byte-level vocabulary makes any template tokenizable.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def add_chat_template(out: Path) -> None:
+    path = out / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(cfg, indent=2))
 
 
 def main() -> None:
