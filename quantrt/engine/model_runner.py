@@ -2,6 +2,7 @@
 scheduled batch into model inputs (slot mapping, block tables), runs the model, samples."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,9 +69,18 @@ class ModelRunner:
             from quantrt.engine.cuda_graphs import DecodeGraphs
 
             max_len = max_model_len or cfg.max_position_embeddings
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs,
-                                       -(-max_len // block_size), num_blocks * block_size,
-                                       self.device)
+            try:
+                self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs,
+                                           -(-max_len // block_size), num_blocks * block_size,
+                                           self.device)
+            except RuntimeError as exc:
+                if self.model.tp_vocab_widths is None:
+                    raise
+                # Every rank captures the same graphs in lockstep, so every rank fails the
+                # same way (a NCCL build that cannot capture collectives): all go eager.
+                print(f"quantrt: warning: CUDA graphs with tensor parallelism failed to "
+                      f"capture ({exc}); decoding eagerly", file=sys.stderr, flush=True)
+                torch.cuda.synchronize()
 
     @staticmethod
     def _inputs(batch: list[tuple[Sequence, int]], blocks: BlockManager,
