@@ -180,3 +180,20 @@ def test_gpu_paged_attention_dispatch(qlens):
         got = paged_attention(q, k, v, meta, 0.125, window, softcap).float().cpu()
         want = paged_attention_ref(q0, k0, v0, meta0, 0.125, window, softcap)
         assert (got - want).abs().max().item() < TOL[torch.float16]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton on the CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("qlens", [[1, 6, 1, 3, 1], [6, 3], [1, 1]],
+                         ids=["mixed", "prefill-only", "decode-only"])
+def test_interpreted_paged_attention_dispatch(qlens):
+    """The models' CUDA path, interpreted: prefill runs (alone or beside decode rows) through
+    the prefill kernel, decode rows through the decode kernel, every row back in place."""
+    from quantrt.models.attention import paged_attention_triton
+
+    ctx = [c + n for c, n in zip([8, 0, 40, 10, 3], qlens)]
+    q, k, v, meta, (q0, k0, v0, meta0) = _batch(ctx, qlens, 6, 2, 16, 16, torch.float32,
+                                                "cpu", seed=3)
+    for window, softcap in ((None, None), (5, 3.0)):
+        got = paged_attention_triton(q, k, v, meta, 0.3, window, softcap)
+        want = paged_attention_ref(q0, k0, v0, meta0, 0.3, window, softcap)
+        assert (got - want).abs().max().item() < TOL[torch.float32]

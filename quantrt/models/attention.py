@@ -131,59 +131,59 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _split(meta: AttentionMetadata) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor,
-                                              AttentionMetadata]:
-    """A mixed step's decode rows and prefill rows, each with its own metadata (built once
-    per step, shared by every layer)."""
-    cached = getattr(meta, "_split", None)
+def _decode_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A mixed step's one-token runs: their rows in q, block tables and context lengths
+    (built once per step, shared by every layer)."""
+    cached = meta.__dict__.get("_decode_rows")
     if cached is not None:
         return cached
     dev = meta.block_tables.device
-    starts = [0]
-    for n in meta.query_lens_host:
-        starts.append(starts[-1] + n)
-    dec = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
-    pre = [i for i, n in enumerate(meta.query_lens_host) if n != 1]
-
-    def sub(seqs: list[int]) -> tuple[torch.Tensor, AttentionMetadata]:
-        rows = [r for i in seqs for r in range(starts[i], starts[i + 1])]
-        idx = torch.tensor(seqs, device=dev)
-        qlens = [meta.query_lens_host[i] for i in seqs]
-        qstart = [0]
-        for n in qlens:
-            qstart.append(qstart[-1] + n)
-        return torch.tensor(rows, device=dev), AttentionMetadata(
-            slot_mapping=meta.slot_mapping, block_tables=meta.block_tables[idx],
-            context_lens=meta.context_lens[idx],
-            query_start_loc=torch.tensor(qstart, dtype=torch.int32, device=dev),
-            context_lens_host=[meta.context_lens_host[i] for i in seqs], query_lens_host=qlens)
-
-    meta._split = (*sub(dec), *sub(pre))
-    return meta._split
+    seqs, rows, start = [], [], 0
+    for i, n in enumerate(meta.query_lens_host):
+        if n == 1:
+            seqs.append(i)
+            rows.append(start)
+        start += n
+    idx = torch.tensor(seqs, device=dev)
+    cached = (torch.tensor(rows, device=dev), meta.block_tables[idx], meta.context_lens[idx])
+    meta.__dict__["_decode_rows"] = cached
+    return cached
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
                     sliding_window: int | None = None,
                     softcap: float | None = None) -> torch.Tensor:
-    """The models' attention.  On CUDA, decode rows run the Triton paged decode kernel
-    (device-side lengths: CUDA-graph safe); in a step that mixes decodes with prefill
-    chunks, only the prefill rows take the torch reference (its per-sequence loop would
-    otherwise run for every decoding sequence too).  Elsewhere: the torch reference."""
+    """The models' attention.  On CUDA, Triton: a decode-only step runs the paged decode
+    kernel (device-side lengths: CUDA-graph safe); any other step runs the prefill kernel
+    over all its runs in one launch, and in a step that mixes decodes with prefill chunks
+    the decode kernel fills the one-token rows (the prefill kernel skips them: a tile of
+    64 query rows for one token would waste most of its work).  Elsewhere: the torch
+    reference."""
     if not q.is_cuda:
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+    return paged_attention_triton(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float,
+                           sliding_window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
+    """The CUDA path of ``paged_attention`` (also runs on CPU tensors under
+    TRITON_INTERPRET=1, which is how the CPU tests reach it)."""
     from quant_kernels.paged_attention import paged_decode_attention
 
     if meta.max_query_len == 1:
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                       scale, sliding_window, softcap=softcap)
-    if 1 not in meta.query_lens_host:
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
-    dec_rows, dec_meta, pre_rows, pre_meta = _split(meta)
-    out = torch.empty_like(q)
-    out[dec_rows] = paged_decode_attention(q[dec_rows], k_cache, v_cache, dec_meta.block_tables,
-                                           dec_meta.context_lens, scale, sliding_window,
-                                           softcap=softcap)
-    out[pre_rows] = paged_attention_ref(q[pre_rows], k_cache, v_cache, pre_meta, scale,
-                                        sliding_window, softcap)
+    from quant_kernels.prefill_attention import paged_prefill_attention
+
+    mixed = 1 in meta.query_lens_host
+    out = paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                  meta.query_start_loc, meta.max_query_len, scale,
+                                  sliding_window, softcap, skip_decode_rows=mixed)
+    if mixed:
+        rows, tables, lens = _decode_rows(meta)
+        out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, tables, lens, scale,
+                                           sliding_window, softcap=softcap)
     return out
