@@ -3,6 +3,7 @@ scheduled batch into model inputs (slot mapping, block tables), runs the model, 
 from __future__ import annotations
 
 import sys
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,17 @@ def kv_heads(model: torch.nn.Module) -> int:
 def kv_bytes_per_token(lm: LoadedModel, kv_dtype: torch.dtype) -> int:
     cfg = lm.config
     return 2 * cfg.num_layers * kv_heads(lm.model) * cfg.head_dim * torch.finfo(kv_dtype).bits // 8
+
+
+def _tokens(seq: Sequence, start: int, n: int) -> list[int]:
+    """Tokens ``start .. start+n-1`` of ``seq`` without building its whole id list (a copy of
+    every token of every sequence in every step, otherwise)."""
+    plen = len(seq.prompt_ids)
+    if start >= plen:
+        return seq.output_ids[start - plen:start - plen + n]
+    if start + n <= plen:
+        return seq.prompt_ids[start:start + n]
+    return seq.prompt_ids[start:] + seq.output_ids[:start + n - plen]
 
 
 class ModelRunner:
@@ -88,7 +100,7 @@ class ModelRunner:
         ids, pos, slots, ctx, qlens = [], [], [], [], []
         for seq, n in batch:
             start = seq.num_cached
-            ids += seq.all_ids[start:start + n]
+            ids += _tokens(seq, start, n)
             pos += range(start, start + n)
             slots += blocks.slots(seq, start, n)
             ctx.append(start + n)
@@ -98,19 +110,33 @@ class ModelRunner:
         decode = all(n == 1 and seq.num_cached + 1 == len(seq) for seq, n in batch)
         return StepInputs(ids, pos, slots, tables, ctx, qlens, rows, decode)
 
-    def _tensors(self, inp: StepInputs):
-        dev = self.device
+    def _tensors(self, inp: StepInputs
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor | None]:
+        """(ids, positions, metadata, rows); rows None: every row (a decode step).  All of it
+        travels to the device in one copy from page-locked memory: separate small copies
+        cost microseconds of host time each, at every step."""
         starts = [0]
         for n in inp.qlens:
             starts.append(starts[-1] + n)
+        flat = inp.ids + inp.pos + inp.slots + inp.rows + inp.ctx + starts
+        for row in inp.tables:
+            flat += row
+        # via array: about a third of torch.tensor's time for a list of Python ints
+        host = torch.frombuffer(array("q", flat), dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory().to(self.device, non_blocking=True)
+        elif host.device != self.device:
+            host = host.to(self.device)
+        tokens, num_rows, bsz = len(inp.ids), len(inp.rows), len(inp.ctx)
+        small = host[3 * tokens + num_rows:].to(torch.int32)  # ctx, starts, tables: one cast
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(inp.slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(inp.tables, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(inp.ctx, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            slot_mapping=host[2 * tokens:3 * tokens],
+            block_tables=small[2 * bsz + 1:].view(bsz, -1),
+            context_lens=small[:bsz], query_start_loc=small[bsz:2 * bsz + 1],
             context_lens_host=inp.ctx, query_lens_host=inp.qlens)
-        return (torch.tensor(inp.ids, dtype=torch.int64, device=dev),
-                torch.tensor(inp.pos, dtype=torch.int64, device=dev), meta)
+        # rows are increasing positions < tokens: as many as tokens means all of them
+        rows = None if num_rows == tokens else host[3 * tokens:3 * tokens + num_rows]
+        return host[:tokens], host[tokens:2 * tokens], meta, rows
 
     def execute(self, inp: StepInputs) -> torch.Tensor:
         """Logits of ``inp.rows`` (every rank of a tensor-parallel model runs this)."""
@@ -120,12 +146,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_local(self, inp: StepInputs) -> torch.Tensor:
-        ids, pos, meta = self._tensors(inp)
+        ids, pos, meta, rows = self._tensors(inp)
         if self.graphs is not None and inp.decode_only \
                 and self.graphs.fits(len(inp.ctx), meta.block_tables.shape[1]):
-            return self.graphs.run(ids, pos, meta)[inp.rows]  # one row per sequence
+            logits = self.graphs.run(ids, pos, meta)  # one row per sequence
+            return logits if rows is None else logits[rows]
         hidden = self.model(ids, pos, self.kv_caches, meta)
-        return self.model.compute_logits(hidden[inp.rows])
+        return self.model.compute_logits(hidden if rows is None else hidden[rows])
 
     @torch.inference_mode()
     def step(self, batch: list[tuple[Sequence, int]], blocks: BlockManager

@@ -144,8 +144,9 @@ def _decode_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, t
             seqs.append(i)
             rows.append(start)
         start += n
-    idx = torch.tensor(seqs, device=dev)
-    cached = (torch.tensor(rows, device=dev), meta.block_tables[idx], meta.context_lens[idx])
+    both = torch.tensor(rows + seqs, device=dev)  # one host-to-device copy for the two
+    idx = both[len(rows):]
+    cached = (both[:len(rows)], meta.block_tables[idx], meta.context_lens[idx])
     meta.__dict__["_decode_rows"] = cached
     return cached
 
