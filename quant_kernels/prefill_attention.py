@@ -120,6 +120,11 @@ def _prefill_kernel(
              out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+def _pow2(n: int) -> int:
+    # triton.next_power_of_2 costs microseconds per call; this runs per layer per step
+    return 1 << (n - 1).bit_length()
+
+
 def pick_tiles(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages).  On the CPU interpreter small tiles, so
     short odd runs still cross tile edges in tests; on the GPU tiles that keep the q tile,
@@ -127,7 +132,7 @@ def pick_tiles(head_dim: int, device: torch.device) -> tuple[int, int, int, int]
     (head dim 256 halves the key tile)."""
     if device.type != "cuda":
         return 16, 16, 4, 1
-    d_pad = triton.next_power_of_2(head_dim)
+    d_pad = _pow2(head_dim)
     if d_pad <= 64:
         return 64, 64, 4, 3
     if d_pad <= 128:
@@ -192,7 +197,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m, block_n, warps, stages = pick_tiles(head_dim, q.device)
     if tiles is not None:
         block_m, block_n = tiles
-    grid = (triton.cdiv(max_query_len, block_m), heads, bsz)
+    grid = (-(-max_query_len // block_m), heads, bsz)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc,
         float(scale), sliding_window or 0, float(softcap or 1.0),
@@ -200,7 +205,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        GROUP=heads // kv_heads, HEAD_DIM=head_dim, D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        GROUP=heads // kv_heads, HEAD_DIM=head_dim, D_PAD=max(16, _pow2(head_dim)),
         PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, SOFTCAP=softcap is not None,
         IEEE=q.dtype == torch.float32, SKIP_DECODE=skip_decode_rows, num_warps=warps,
         num_stages=stages)
