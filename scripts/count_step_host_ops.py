@@ -2,8 +2,8 @@
 
 Timing the runner's overhead needs the GPU; what it costs there can be counted anywhere:
 every tensor op outside the model's forward is a kernel launch (or an allocation) on CUDA,
-every tensor made from host data (``torch.tensor(list, device=...)``, indexing with a
-Python list) is a host-to-device copy, and every ``.tolist()`` /
+every tensor made from host data (``torch.tensor(list, device=...)``, ``torch.frombuffer``,
+indexing with a Python list) is a host-to-device copy, and every ``.tolist()`` /
 ``.item()`` waits for the GPU.  This runs the engine on a tiny random Llama (CPU) through
 prefill-only, mixed and decode-only steps and prints the counts per step kind, outside the
 model forward and logits (the runner's input building, row selection and the sampler).
@@ -76,7 +76,12 @@ def main() -> None:
             finally:
                 counts.on = True
         setattr(model, name, paused)
-    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+    real_tolist, real_item, real_frombuffer = torch.Tensor.tolist, torch.Tensor.item, \
+        torch.frombuffer
+
+    def frombuffer(*a, **kw):
+        counts.c["host_tensors"] += counts.on
+        return real_frombuffer(*a, **kw)
 
     def tolist(self):
         counts.c["syncs"] += counts.on
@@ -98,12 +103,13 @@ def main() -> None:
         kind = ("decode" if all(n == 1 for _, n in batch) else
                 "prefill" if all(n > 1 or s.num_cached == 0 for s, n in batch) else "mixed")
         counts.c = Counter()
-        torch.Tensor.tolist, torch.Tensor.item = tolist, item
+        torch.Tensor.tolist, torch.Tensor.item, torch.frombuffer = tolist, item, frombuffer
         try:
             with counts:
                 out = step(batch, blocks)
         finally:
-            torch.Tensor.tolist, torch.Tensor.item = real_tolist, real_item
+            torch.Tensor.tolist, torch.Tensor.item, torch.frombuffer = real_tolist, real_item, \
+                real_frombuffer
         per_kind[kind].append(counts.c | Counter(seqs=len(batch)))
         if args.ops:
             print(kind, sorted((k[3:], v) for k, v in counts.c.items() if k.startswith("op:")))
