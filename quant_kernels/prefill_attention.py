@@ -7,7 +7,7 @@ that context, so query ``i`` of a run of ``n`` sits at position ``ctx - n + i`` 
 ``0 ..= ctx - n + i``: a cached prefix (prefix caching) or earlier chunks (chunked prefill)
 are attended like any other key, read through the block table.
 
-One program per (query tile of ``BLOCK_M`` tokens, query head, sequence): flash attention
+One program per (query head, sequence, query tile of ``BLOCK_M`` tokens): flash attention
 with an online softmax in fp32 (exp2 domain), ``tl.dot`` on the input dtype with fp32
 accumulation.  Key tiles of ``BLOCK_N`` positions gather their rows through the block table
 one position at a time, so any page size works and a tile may span pages.  Only the key
@@ -18,7 +18,7 @@ longest run from host lengths, with no per-step index tensor.
 ``softcap`` (Gemma 2) caps each scaled score as ``cap * tanh(score / cap)``; a constexpr, so
 the uncapped kernel compiles without it.  GQA: query head ``h`` reads KV head
 ``h // (H / Hk)``; the K/V tiles of a group's heads are re-read from L2, not HBM, as its
-programs run side by side.
+programs are launched next to each other.
 
 The torch reference is ``quantrt.models.attention.paged_attention_ref``.
 """
@@ -42,9 +42,12 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
     SKIP_DECODE: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
+    # launch order: heads fastest, so a GQA group's programs run side by side and share
+    # their K/V tiles in L2; query tiles slowest and last tiles (the most keys) first, so
+    # the long programs do not trail at the end of the launch
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    tile = tl.num_programs(2) - 1 - tl.program_id(2)
     q_start = tl.load(qsl_ptr + b)
     qlen = tl.load(qsl_ptr + b + 1) - q_start
     m0 = tile * BLOCK_M
@@ -197,7 +200,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m, block_n, warps, stages = pick_tiles(head_dim, q.device)
     if tiles is not None:
         block_m, block_n = tiles
-    grid = (-(-max_query_len // block_m), heads, bsz)
+    grid = (heads, bsz, -(-max_query_len // block_m))
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, query_start_loc,
         float(scale), sliding_window or 0, float(softcap or 1.0),
