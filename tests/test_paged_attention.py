@@ -79,8 +79,8 @@ def test_shape_errors():
 
 @pytest.mark.gpu
 def test_mixed_decode_and_prefill_step():
-    """A continuous-batching step: decode rows on the Triton kernel, prefill chunks on the
-    reference, outputs back in their rows."""
+    """A continuous-batching step: decode rows on the Triton decode kernel, prefill chunks on
+    the Triton prefill kernel, outputs back in their rows."""
     from quantrt.models.attention import paged_attention
 
     g = torch.Generator().manual_seed(5)
