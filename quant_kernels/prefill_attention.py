@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _prefill_kernel(
     # q / out [T, H, D]; caches [num_blocks, PAGE, Hk, D]; block tables [B, max_blocks] int32;

@@ -17,6 +17,7 @@ import argparse
 import random
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -90,18 +91,15 @@ def main() -> None:
     for name, (h, hk, d) in {"1B": (32, 8, 64), "8B": (32, 8, 128)}.items():
         for step, (ctx, qlens) in steps().items():
             q, k, v, meta = make_step(ctx, qlens, h, hk, d)
-            scale = d ** -0.5
-
-            def ref():
-                if step == "mixed":  # the previous CUDA path: decode kernel + torch loop
-                    return _old_mixed(q, k, v, meta, scale)
-                return paged_attention_ref(q, k, v, meta, scale)
-
-            new = lambda: paged_attention(q, k, v, meta, scale)  # noqa: E731
+            inputs = (q, k, v, meta, d ** -0.5)
+            # the previous CUDA path: the torch loop (beside the decode kernel in a mixed step)
+            ref = (_old_mixed(*inputs) if step == "mixed" else
+                   partial(paged_attention_ref, *inputs))
+            new = partial(paged_attention, *inputs)
             err = (new().float() - ref().float()).abs().max().item()
             t_ref, t_new = cuda_ms(ref), cuda_ms(new)
-            cells = [f"{cuda_ms(lambda t=t: _tiled(q, k, v, meta, scale, t)):.3f}"
-                     for t in extra] if step != "mixed" else ["-"] * len(extra)
+            cells = [f"{cuda_ms(partial(_tiled, *inputs, t)):.3f}" for t in extra] \
+                if step != "mixed" else ["-"] * len(extra)
             print(f"{name} | {step} | {sum(qlens)} | {t_ref:.3f} | {t_new:.3f} | "
                   f"{t_ref / t_new:.1f}" + "".join(f" | {c}" for c in cells)
                   + f"   (max abs diff {err:.2e})")
@@ -113,26 +111,34 @@ def _tiled(q, k, v, meta, scale, tiles):
 
 
 def _old_mixed(q, k, v, meta, scale):
+    """The mixed-step path before the prefill kernel, as a function of nothing: its split
+    of the batch (and the reference's per-sequence plans) built once, as the engine built
+    them once per step for all layers."""
     from quant_kernels.paged_attention import paged_decode_attention
 
     dec = [i for i, n in enumerate(meta.query_lens_host) if n == 1]
     pre = [i for i, n in enumerate(meta.query_lens_host) if n != 1]
     starts = meta.query_start_loc.tolist()
-    out = torch.empty_like(q)
     d_rows = torch.tensor([starts[i] for i in dec], device="cuda")
-    out[d_rows] = paged_decode_attention(q[d_rows], k, v, meta.block_tables[dec],
-                                         meta.context_lens[dec], scale)
     p_rows = torch.tensor([r for i in pre for r in range(starts[i], starts[i + 1])],
                           device="cuda")
     qlens = [meta.query_lens_host[i] for i in pre]
+    p_starts = [0]
+    for n in qlens:
+        p_starts.append(p_starts[-1] + n)
     p_meta = AttentionMetadata(
         slot_mapping=meta.slot_mapping, block_tables=meta.block_tables[pre],
         context_lens=meta.context_lens[pre],
-        query_start_loc=torch.tensor([0] + [sum(qlens[:i + 1]) for i in range(len(qlens))],
-                                     dtype=torch.int32, device="cuda"),
+        query_start_loc=torch.tensor(p_starts, dtype=torch.int32, device="cuda"),
         context_lens_host=[meta.context_lens_host[i] for i in pre], query_lens_host=qlens)
-    out[p_rows] = paged_attention_ref(q[p_rows], k, v, p_meta, scale)
-    return out
+    d_tables, d_lens = meta.block_tables[dec], meta.context_lens[dec]
+
+    def run():
+        out = torch.empty_like(q)
+        out[d_rows] = paged_decode_attention(q[d_rows], k, v, d_tables, d_lens, scale)
+        out[p_rows] = paged_attention_ref(q[p_rows], k, v, p_meta, scale)
+        return out
+    return run
 
 
 if __name__ == "__main__":
