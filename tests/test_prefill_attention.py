@@ -171,7 +171,8 @@ def test_gpu(case, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("qlens", [[1, 6, 1, 3, 1], [6, 3]], ids=["mixed", "prefill-only"])
+@pytest.mark.parametrize("qlens", [[1, 6, 1, 3, 1], [1, 1, 6, 3], [6, 3]],
+                         ids=["mixed", "decodes-first", "prefill-only"])
 def test_gpu_paged_attention_dispatch(qlens):
     """The models' entry point on CUDA: prefill runs (alone or beside decode rows) through
     the Triton prefill kernel, decode rows through the decode kernel."""
@@ -185,8 +186,8 @@ def test_gpu_paged_attention_dispatch(qlens):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton on the CPU needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("qlens", [[1, 6, 1, 3, 1], [6, 3], [1, 1]],
-                         ids=["mixed", "prefill-only", "decode-only"])
+@pytest.mark.parametrize("qlens", [[1, 6, 1, 3, 1], [1, 1, 6, 3], [6, 3], [1, 1]],
+                         ids=["mixed", "decodes-first", "prefill-only", "decode-only"])
 def test_interpreted_paged_attention_dispatch(qlens):
     """The models' CUDA path, interpreted: prefill runs (alone or beside decode rows) through
     the prefill kernel, decode rows through the decode kernel, every row back in place."""

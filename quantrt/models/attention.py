@@ -131,22 +131,27 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _decode_rows(meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _decode_rows(meta: AttentionMetadata
+                 ) -> tuple[torch.Tensor | slice, torch.Tensor, torch.Tensor]:
     """A mixed step's one-token runs: their rows in q, block tables and context lengths
     (built once per step, shared by every layer)."""
     cached = meta.__dict__.get("_decode_rows")
     if cached is not None:
         return cached
-    dev = meta.block_tables.device
     seqs, rows, start = [], [], 0
     for i, n in enumerate(meta.query_lens_host):
         if n == 1:
             seqs.append(i)
             rows.append(start)
         start += n
-    both = torch.tensor(rows + seqs, device=dev)  # one host-to-device copy for the two
-    idx = both[len(rows):]
-    cached = (both[:len(rows)], meta.block_tables[idx], meta.context_lens[idx])
+    if seqs[-1] == len(seqs) - 1:
+        # the usual order (running decodes first, then prompt chunks): views, no gathers
+        k = len(seqs)
+        cached = (slice(0, k), meta.block_tables[:k], meta.context_lens[:k])
+    else:
+        both = torch.tensor(rows + seqs, device=meta.block_tables.device)  # one copy for two
+        idx = both[len(rows):]
+        cached = (both[:len(rows)], meta.block_tables[idx], meta.context_lens[idx])
     meta.__dict__["_decode_rows"] = cached
     return cached
 
