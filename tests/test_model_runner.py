@@ -57,18 +57,19 @@ def test_step_inputs_match_the_batch(loaded):
     # 23 blocks of 4 tokens for 7 requests that grow to ~40 tokens: preemption happens
     eng = LLMEngine(loaded, EngineConfig(kv_cache_memory=per_token * 92, block_size=4,
                                          max_num_batched_tokens=17))
-    runner, prepare, step = eng.runner, eng.runner._prepare, eng.runner.step
-    kinds, host_tensors = set(), []
+    runner, tensors, step = eng.runner, eng.runner._tensors, eng.runner.step
+    kinds, host_tensors, current = set(), [], {}
 
-    def checked_prepare(batch, blocks):
-        ids, pos, meta, rows = prepare(batch, blocks)
-        want_ids, want_pos, want_slots, want_rows, want_tables, want_starts = \
-            _expected(batch, runner.block_size)
+    def checked_tensors(inp):
+        batch = current["batch"]
+        ids, pos, meta, rows = tensors(inp)
+        want_ids, want_pos, want_slots, want_rows, want_tables, want_starts, want_ctx = \
+            current["want"]
         assert ids.tolist() == want_ids and pos.tolist() == want_pos
         assert meta.slot_mapping.tolist() == want_slots
         assert meta.block_tables.dtype == torch.int32
         assert meta.block_tables.tolist() == want_tables
-        assert meta.context_lens.tolist() == [s.num_cached + n for s, n in batch]
+        assert meta.context_lens.tolist() == want_ctx
         assert meta.query_start_loc.tolist() == want_starts
         # one host buffer: int64 inputs are views of it, int32 ones views of its one cast
         base = {t.untyped_storage().data_ptr() for t in (ids, pos, meta.slot_mapping)
@@ -83,18 +84,24 @@ def test_step_inputs_match_the_batch(loaded):
         else:
             assert rows.tolist() == want_rows
             kinds.add("mixed" if any(n == 1 for _, n in batch) else "prefill")
-        if any(s.num_cached < len(s.prompt_ids) < s.num_cached + n for s, n in batch):
+        if current["recompute"]:
             kinds.add("recompute")  # a preempted sequence's prompt + output in one chunk
         return ids, pos, meta, rows
 
     def counted_step(batch, blocks):
+        # expectations from the sequences' state before the step moves them on
+        current["batch"] = batch
+        current["want"] = (*_expected(batch, runner.block_size),
+                           [s.num_cached + n for s, n in batch])
+        current["recompute"] = any(s.num_cached < len(s.prompt_ids) < s.num_cached + n
+                                   for s, n in batch)
         with _HostTensors() as mode:
             out = step(batch, blocks)
         if all(s.params.greedy for s, _ in batch):  # sampling draws build their own tensors
             host_tensors.append(mode.count)
         return out
 
-    runner._prepare, runner.step = checked_prepare, counted_step
+    runner._tensors, runner.step = checked_tensors, counted_step
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (1, 17, 23, 9, 30, 5)]
     outs = eng.generate(prompts, SamplingParams(max_tokens=14, temperature=0, ignore_eos=True))
