@@ -9,7 +9,11 @@ prefill-only, mixed and decode-only steps and prints the counts per step kind, o
 model forward and logits (the runner's input building, row selection and the sampler).
 View-only ops (slices, reshapes, no-op dtype casts) are not counted as ops.
 
-    PYTHONPATH=. python scripts/count_step_host_ops.py [--prompts 16] [--batch 48]
+``--time``: instead, the host time of building a step's device inputs (``_inputs`` +
+``_tensors``, best of 30) for a decode step of 256 sequences (prompts 128-1024 tokens, 200
+outputs each, block size 16) and a 2048-token prefill step of 4 prompts.
+
+    PYTHONPATH=. python scripts/count_step_host_ops.py [--prompts 16] [--batch 48] [--time]
 """
 from __future__ import annotations
 
@@ -49,12 +53,52 @@ class Counts(TorchDispatchMode):
         return out
 
 
+def time_inputs() -> None:
+    import random
+    import time
+
+    from quantrt.engine.block_manager import BlockManager
+    from quantrt.engine.model_runner import ModelRunner
+    from quantrt.engine.sequence import SamplingParams, Sequence
+
+    rng = random.Random(0)
+    blocks = BlockManager(256 * 80, 16, enable_prefix_caching=False)
+    runner = ModelRunner.__new__(ModelRunner)  # no model or cache: input building only
+    runner.device, runner.block_size = torch.device("cpu"), 16
+    decode, prefill = [], []
+    for _ in range(256):
+        seq = Sequence([rng.randrange(300) for _ in range(rng.randint(128, 1024))],
+                       SamplingParams())
+        seq.output_ids = [rng.randrange(300) for _ in range(200)]
+        blocks.grow(seq, len(seq))
+        seq.num_cached = len(seq) - 1
+        decode.append((seq, 1))
+    for n in (512, 700, 600, 236):
+        seq = Sequence([rng.randrange(300) for _ in range(n)], SamplingParams())
+        blocks.grow(seq, n)
+        prefill.append((seq, n))
+    for name, batch in (("decode, 256 sequences", decode), ("prefill, 2048 tokens", prefill)):
+        rows, end = [], 0
+        for _, n in batch:
+            end += n
+            rows.append(end - 1)
+        best = float("inf")
+        for _ in range(30):
+            t = time.perf_counter()
+            runner._tensors(runner._inputs(batch, blocks, rows))
+            best = min(best, time.perf_counter() - t)
+        print(f"{name}: {best * 1e3:.2f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--batch", type=int, default=48, help="max_num_batched_tokens")
     ap.add_argument("--ops", action="store_true", help="print each step's ops by name")
+    ap.add_argument("--time", action="store_true", help="time input building instead")
     args = ap.parse_args()
+    if args.time:
+        return time_inputs()
     from quantrt.engine.llm_engine import EngineConfig, LLMEngine
     from quantrt.engine.sequence import SamplingParams
     from quantrt.loader import load
