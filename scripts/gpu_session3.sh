@@ -31,7 +31,10 @@ for s in $STEPS; do
                      --tiles 64,64 128,64 64,32 ;;
         engine) step "engine_${SHAPES//,/_}" "${ENGINE_S:-300}" python scripts/bench_gpu_engine.py \
                     --shapes "$SHAPES" --out "$OUT" ;;
-        serve) step serve "${SERVE_S:-150}" python scripts/bench_serve.py \
+        serve) [ -f /tmp/qrt_bench_ckpt/llama-3.2-1b-awq/config.json ] || python \
+                   scripts/make_random_checkpoint.py --shape llama-3.2-1b --format awq \
+                   --out /tmp/qrt_bench_ckpt/llama-3.2-1b-awq > /dev/null
+               step serve "${SERVE_S:-150}" python scripts/bench_serve.py \
                    --source /tmp/qrt_bench_ckpt/llama-3.2-1b-awq \
                    --server-args "--device cuda --max-num-seqs 256" --concurrency 1,16,64 \
                    --max-tokens 128 --json "$OUT/serve.json" ;;

@@ -5,8 +5,7 @@
     python scripts/make_random_checkpoint.py --shape llama-3-8b --format bf16 --out DIR
 
 Weights ~ N(0, 0.02) (norms 1), generated and quantized on the GPU when there is one.
-The tokenizer is the tests' byte-level one (ids past 257 decode to nothing), which is all a
-throughput benchmark needs.  Shapes are the published configs of the named models.
+The tokenizer has one word per id ("w17"), so every generated token has text.  Shapes are the published configs of the named models.
 """
 from __future__ import annotations
 
@@ -21,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from formats import awq  # noqa: E402
 from quant_kernels.int_ref import rtn_quantize  # noqa: E402
-from tests.tiny_models import save_byte_tokenizer  # noqa: E402
 
 LLAMA3_ROPE = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                "original_max_position_embeddings": 8192, "rope_type": "llama3"}
@@ -96,9 +94,26 @@ def make(shape: str, fmt: str, out: Path, seed: int = 0) -> Path:
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_byte_tokenizer(out)
-    add_chat_template(out)
+    save_word_tokenizer(out, cfg["vocab_size"])
     return out
+
+
+def save_word_tokenizer(out: Path, vocab: int) -> None:
+    """One word per id ("w0" .. "wN"), so every generated token has text: a server
+    benchmark's time to first token and time per token then mean what they say (with a
+    byte-level vocabulary, random ids past 257 decode to nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {0: "<unk>", 256: "<s>", 257: "</s>"}
+    words = {special.get(i, f"w{i}"): i for i in range(vocab)}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+    fast.save_pretrained(out)
+    add_chat_template(out)
 
 
 # A plain role-tagged template, so chat endpoints (quantrt serve, bench_serve.py) work on
