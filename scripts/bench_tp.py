@@ -77,12 +77,11 @@ def run_one(path: Path, tp: int, args) -> dict:
     return res
 
 
-def estimate_weights(path: Path, tp: int) -> float:
+def estimate_weights(path: Path, tp: int) -> dict:
+    """``quantrt estimate --num-gpus tp``'s report (weights per GPU, KV budget)."""
     from quantrt.estimate import estimate
 
-    est = estimate(str(path), ["checkpoint"], gpu="H200", num_gpus=tp)
-    row = est.to_dict()
-    return row
+    return estimate(str(path), ["checkpoint"], gpu="H200", num_gpus=tp).to_dict()
 
 
 def main() -> None:
