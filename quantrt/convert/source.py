@@ -86,7 +86,6 @@ class HFSource(ConvertSource):
 
         self.path = path
         self.ckpt = open_checkpoint(path)
-        self._last_file: str | None = None
         self.config = {k: v for k, v in raw_config.items() if k != "quantization_config"}
         tied = bool(raw_config.get("tie_word_embeddings", False))
         self.names = [n for n in self.ckpt.keys() if not n.endswith("rotary_emb.inv_freq")
@@ -96,13 +95,13 @@ class HFSource(ConvertSource):
         return tuple(self.ckpt.info(name)[1])
 
     def get(self, name: str) -> torch.Tensor:
-        file = self.ckpt.info(name)[2]
-        if file != self._last_file and isinstance(self.ckpt, SafetensorsCheckpoint):
-            # Unmap the previous shard: its pages would otherwise stay in our RSS.
-            self.ckpt.close()
-            self._last_file = file
         t = self.ckpt.get(name)
-        return t.float() if t.dtype.is_floating_point else t.clone()
+        t = t.float() if t.dtype.is_floating_point and t.dtype != torch.float32 else t.clone()
+        if isinstance(self.ckpt, SafetensorsCheckpoint):
+            # Unmap the file after every tensor: the pages read so far would otherwise stay
+            # in our RSS -- a 1B model in one 2.5 GB file reached 3.5 GB peak RSS.
+            self.ckpt.close()
+        return t
 
     def write_side_files(self, out: str) -> None:
         for f in SIDE_FILES:
