@@ -43,15 +43,12 @@ def gguf_int_weight(raw: torch.Tensor, ggml_type: int, rows: int, cols: int) -> 
                      GROUP)
 
 
-def from_packed(iw, cols: int) -> IntWeight:
+def from_packed(iw, cols: int) -> IntWeight | None:
     """quantrt.quant's IntWeight (group_size = K for one group, int or float zeros) ->
     the converter's (-1 for one group), or None when it is not an integer grid (HQQ)."""
-    if iw.zeros.dtype.is_floating_point:
-        if not torch.equal(iw.zeros, iw.zeros.round()):
-            return None
-        zeros = iw.zeros.to(torch.int32)
-    else:
-        zeros = iw.zeros.to(torch.int32)
+    if iw.zeros.dtype.is_floating_point and not torch.equal(iw.zeros, iw.zeros.round()):
+        return None
+    zeros = iw.zeros.to(torch.int32)
     g_idx = iw.g_idx
     gs = iw.group_size if iw.group_size < cols else -1
     if g_idx is not None:
