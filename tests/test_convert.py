@@ -156,12 +156,6 @@ def test_bad_requests(kw, err, needle):
     assert needle in str(exc.value)
 
 
-def test_quantized_hf_source_is_refused_clearly(tmp_path):
-    with pytest.raises(UnsupportedError, match="already quantized"):
-        convert(str(FIXTURES / "awq_gemm_g64"), tmp_path / "o", ConvertRequest("bf16"))
-    assert not (tmp_path / "o").exists()
-
-
 def test_output_exists_and_shape_refusals(src, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(ConfigError, match="already exists"):

@@ -128,3 +128,57 @@ def test_calibration_text_errors(src, tmp_path):
         convert(str(src), tmp_path / "o", ConvertRequest("gptq", calib=str(short)),
                 progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("k,g", [(80, 32), (23, 8), (17, 17)])
+def test_awq_clip_searches_each_group_at_its_own_width(k, g):
+    """A partial last group (K = 576, g = 128 on SmolLM2) is clipped as a group of K % g
+    columns, and the full groups independently of it -- not the whole row as one group."""
+    from quantrt.convert.awq_algo import search_clip
+
+    gen = torch.Generator().manual_seed(4)
+    x = _inputs(64, 4 * k)[:, :k] + 0.1
+    w = torch.randn(8, k, generator=gen)
+    got = search_clip(x, w, 4, g, torch.float16)
+    full = k - k % g
+    if full:
+        assert torch.equal(got[:, :full], search_clip(x[:, :full], w[:, :full], 4, g,
+                                                      torch.float16))
+    if k % g:
+        assert torch.equal(got[:, full:], search_clip(x[:, full:], w[:, full:], 4, k % g,
+                                                      torch.float16))
+
+
+def test_gptq_partial_forward_collects_the_full_forward_hessians():
+    """Stopping the layer's forward once q/k/v have run, and one X^T X for the three
+    linears that share the input, give the Hessians of the full forward."""
+    import transformers
+
+    from quantrt.convert.calibrated import _Collector, _forward
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=1, vocab_size=10)
+    layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(cfg, 0).eval()
+    x = torch.randn(5, 17, 32)  # 5 sequences: two batches of 4 and 1
+    pe = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg)(
+        x, torch.arange(17)[None])
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    with torch.no_grad():
+        full = _Collector(layer, names, "gptq", 0)
+        assert _forward(layer, x, pe) is not None
+        stopped = _Collector(layer, names, "gptq", 0, stop=True)
+        ref = full.result()
+        assert _forward(layer, x, pe) is None
+        xx = layer.input_layernorm(x).reshape(-1, 32)  # what q/k/v read
+    got = stopped.result()
+    for n in names:
+        assert torch.allclose(got[n], ref[n]) and torch.allclose(got[n], 2 * xx.t() @ xx / 85)
+
+
+def test_overlapping_calibration_windows_warn(src, capsys):
+    from quantrt.convert.calibrated import calib_ids
+    from quantrt.convert.source import open_source
+
+    ids = calib_ids(ConvertRequest("gptq", calib_samples=512, calib_seqlen=64), open_source(src))
+    assert ids.shape[1] == 64
+    assert "samples overlap" in capsys.readouterr().err

@@ -5,7 +5,8 @@ inverse scale into the operation that produces the input, then clip each group's
 For every set of linears that share an input (q/k/v after the input norm, o after v when
 shapes allow, gate/up after the post-attention norm, down after up):
 
-* scale search: s = mean|x|^a (normalised so max*min = 1) for a on a grid in [0, 1);
+* scale search: s = mean|x|^a, or mean|x|^a / mean|w|^(1-a) with |w| relative to its
+  group's max (normalised so max*min = 1), for a on a grid in [0, 1);
   the a that minimises ||x W^T - x (Q(W diag(s)) diag(s)^-1)^T|| over the calibration
   tokens wins (a = 0 is plain RTN, so the search never does worse than RTN on them);
 * the winner is applied exactly: prev /= s (norm weight, or the rows of v / up), W *= s;
@@ -30,16 +31,31 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, scale_dtype) -> torc
     return rtn(w, bits, group_size, False, scale_dtype).dequantize()
 
 
+def _weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Mean over rows of |w| relative to its group's max |w|, per input channel [K]."""
+    n, k = w.shape
+    g = k if group_size <= 0 else group_size
+    wp = torch.nn.functional.pad(w.abs(), (0, (-k) % g)).reshape(n, -1, g)
+    return (wp / (wp.amax(dim=-1, keepdim=True) + 1e-6)).reshape(n, -1)[:, :k].mean(dim=0)
+
+
 @torch.no_grad()
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int,
                  scale_dtype) -> torch.Tensor:
-    """Best per-input-channel scale s [K] for linears ``weights`` (each [N_i, K])."""
+    """Best per-input-channel scale s [K] for linears ``weights`` (each [N_i, K]).
+
+    Two candidate families, as in the AWQ reference code: activation-only
+    (s = mean|x|^a) and "duo" (s = mean|x|^a / mean|w/groupmax|^(1-a))."""
     w = torch.cat(weights, dim=0).float()
     ref = x @ w.t()
     x_mean = x.abs().mean(dim=0)
+    w_mean = _weight_mean(w, group_size)
     best, best_s = float("inf"), torch.ones_like(x_mean)
-    for i in range(GRID):
-        s = x_mean.pow(i / GRID).clamp(min=1e-4)
+    candidates = [x_mean.pow(i / GRID) for i in range(GRID)]
+    candidates += [x_mean.pow(i / GRID) / (w_mean.pow(1 - i / GRID) + 1e-4)
+                   for i in range(1, GRID)]
+    for s in candidates:
+        s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         wq = fake_quant(w * s, bits, group_size, scale_dtype) / s
         err = (x @ wq.t() - ref).pow(2).mean().item()
@@ -54,26 +70,31 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int, sc
     """W with each (row, group) clamped to the shrink of its max |w| that minimises the
     group's contribution error on ``x`` [M, K]."""
     n, k = w.shape
-    g = k if group_size <= 0 or k % group_size else group_size  # partial groups: no clip
+    g = k if group_size <= 0 else group_size
+    # A partial last group (K = 576, g = 128) is zero-padded: zeros leave its min/max range
+    # (which always holds 0) and its output contribution unchanged, so every group --
+    # the partial one included -- is searched at the group size it is quantized with.
+    pad = (-k) % g
     x = x[torch.linspace(0, x.shape[0] - 1, min(CLIP_TOKENS, x.shape[0])).long()]
-    xg = x.reshape(x.shape[0], k // g, g)                        # [M, G, g]
-    out = w.clone()
+    xg = torch.nn.functional.pad(x, (0, pad)).reshape(x.shape[0], -1, g)   # [M, G, g]
+    wp = torch.nn.functional.pad(w, (0, pad))
+    out = wp.clone()
     for r0 in range(0, n, rows):
-        wg = w[r0:r0 + rows].reshape(-1, k // g, g)             # [n, G, g]
+        wg = wp[r0:r0 + rows].reshape(-1, xg.shape[1], g)                   # [n, G, g]
         ref = torch.einsum("mGg,nGg->mnG", xg, wg)
         amax = wg.abs().amax(dim=-1, keepdim=True)
         best_err = torch.full(wg.shape[:2], float("inf"))
         best_max = amax.clone()
         for i in range(CLIP_GRID + 1):
             mx = amax * (1 - (1 - CLIP_MIN) * i / CLIP_GRID)
-            wc = torch.clamp(wg, -mx, mx).reshape(wg.shape[0], k)
+            wc = torch.clamp(wg, -mx, mx).reshape(wg.shape[0], -1)
             wq = fake_quant(wc, bits, g, scale_dtype).reshape(wg.shape)
             err = (torch.einsum("mGg,nGg->mnG", xg, wq) - ref).pow(2).mean(dim=0)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better[..., None], mx, best_max)
-        out[r0:r0 + rows] = torch.clamp(wg, -best_max, best_max).reshape(-1, k)
-    return out
+        out[r0:r0 + rows] = torch.clamp(wg, -best_max, best_max).reshape(wg.shape[0], -1)
+    return out[:, :k]
 
 
 def _scale_prev(prev: nn.Module, s: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ out and dropped.  Memory: one layer's weights + the calibration activations.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -58,6 +59,13 @@ def calib_ids(req: ConvertRequest, src: ConvertSource) -> torch.Tensor:
                           f"--calib-seqlen {t}", where=req.calib or "built-in text",
                           hint="use a longer text or a smaller --calib-seqlen")
     n = req.calib_samples
+    if len(ids) < n * t:
+        # Overlapping windows repeat the same tokens: GPTQ's Hessian then has the rank of
+        # the text, not of n * t tokens, and fits it instead of the model's inputs (the
+        # 1k-token built-in text made 4-bit GPTQ no better than RTN on held-out text).
+        sys.stderr.write(f"warning: the calibration text has {len(ids)} tokens, fewer than "
+                         f"--calib-samples {n} x --calib-seqlen {t}: samples overlap; a text "
+                         f"of {n * t}+ tokens (--calib FILE) calibrates better\n")
     starts = torch.linspace(0, len(ids) - t, n).round().long().unique()
     return torch.stack([torch.tensor(ids[s:s + t]) for s in starts.tolist()])
 
@@ -74,37 +82,59 @@ def _skeleton(config: dict):
     return model, rotary
 
 
-def _forward(layer, hidden: torch.Tensor, pe) -> torch.Tensor:
+class _Stop(Exception):
+    """Raised by a collector once its linears have seen a batch: the rest of the layer's
+    forward would be wasted work (true-sequential GPTQ runs up to 4 partial forwards)."""
+
+
+def _forward(layer, hidden: torch.Tensor, pe) -> torch.Tensor | None:
     out = []
     for b in range(0, hidden.shape[0], BATCH):
         h = hidden[b:b + BATCH]
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-        r = layer(h, attention_mask=None, position_ids=pos,
-                  position_embeddings=(pe[0].expand(h.shape[0], -1, -1),
-                                       pe[1].expand(h.shape[0], -1, -1)))
+        try:
+            r = layer(h, attention_mask=None, position_ids=pos,
+                      position_embeddings=(pe[0].expand(h.shape[0], -1, -1),
+                                           pe[1].expand(h.shape[0], -1, -1)))
+        except _Stop:
+            continue
         out.append(r[0] if isinstance(r, tuple) else r)
-    return torch.cat(out)
+    return torch.cat(out) if out else None
 
 
 class _Collector:
     """Forward hooks on named linears: GPTQ Hessians, or AWQ input samples."""
 
-    def __init__(self, layer, names, mode: str, seed: int) -> None:
+    def __init__(self, layer, names, mode: str, seed: int, stop: bool = False,
+                 batches: int = 1) -> None:
         self.mode, self.data, self.count = mode, {}, {}
+        self.per_batch = -(-AWQ_TOKENS // batches)  # AWQ: rows from every batch alike
         self.gen = torch.Generator().manual_seed(seed)
         mods = dict(layer.named_modules())
-        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names if n in mods]
+        self.names = {n for n in names if n in mods}
+        self.stop, self.seen = stop, set()
+        self.last = None  # (input tensor, its X^T X): q/k/v and gate/up share one input
+        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name):
         def fn(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0]
             if self.mode == "gptq":
+                if self.last is None or self.last[0] is not x:
+                    x2 = x.reshape(-1, x.shape[-1]).float()
+                    self.last = (x, x2.t() @ x2, x2.shape[0])
                 h = self.data.get(name)
-                self.data[name] = x.t() @ x + (h if h is not None else 0)
-                self.count[name] = self.count.get(name, 0) + x.shape[0]
+                self.data[name] = self.last[1] + (h if h is not None else 0)
+                self.count[name] = self.count.get(name, 0) + self.last[2]
             else:
-                keep = torch.randperm(x.shape[0], generator=self.gen)[:AWQ_TOKENS // 4]
+                x = x.reshape(-1, x.shape[-1]).float()
+                keep = torch.randperm(x.shape[0], generator=self.gen)[:self.per_batch]
                 self.data.setdefault(name, []).append(x[keep])
+            self.seen.add(name)
+            if self.seen == self.names:
+                self.seen, self.last = set(), None
+                if self.stop:
+                    raise _Stop
         return fn
 
     def result(self):
@@ -128,7 +158,7 @@ def _quantize_layer(req: ConvertRequest, layer, hidden, pe, scale_dtype) -> dict
             group = [n for n in group if n in mods]
             if not group:
                 continue
-            col = _Collector(layer, group, "gptq", 0)
+            col = _Collector(layer, group, "gptq", 0, stop=True)
             _forward(layer, hidden, pe)
             hs = col.result()
             for n in group:
@@ -140,7 +170,7 @@ def _quantize_layer(req: ConvertRequest, layer, hidden, pe, scale_dtype) -> dict
         return result
     from quantrt.convert.awq_algo import awq_layer
 
-    col = _Collector(layer, linears, "awq", 0)
+    col = _Collector(layer, linears, "awq", 0, batches=-(-hidden.shape[0] // BATCH))
     _forward(layer, hidden, pe)
     awq_layer(layer, col.result(), req.bits, req.group_size, scale_dtype)
     for n in linears:

@@ -47,7 +47,11 @@ def convert_command(source: str, out: str, method: str, bits, group_size: int, s
                     double_quant: bool, dtype: str, quiet: bool) -> None:
     """Quantize or transcode SOURCE (HF directory, .gguf, 'demo') into OUT.
 
-    OUT must not exist; it appears only when the conversion is complete."""
+    An integer source (GGUF Q4_0/Q8_0, GPTQ, AWQ, compressed-tensors int) written to
+    --to gptq/awq/ct-w4a16/ct-w8a16 without --algo keeps its codes and scales as they
+    are (lossless; --bits/--group-size/--sym must match it).  Any quantized source is
+    dequantized for the other targets.  OUT must not exist; it appears only when the
+    conversion is complete."""
     import signal
     import sys
     import time

@@ -63,6 +63,9 @@ def check_shapes(req: ConvertRequest, src: ConvertSource) -> None:
 def run(source, out: str, req: ConvertRequest, show: bool) -> str:
     src = open_source(source)
     try:
+        from quantrt.convert.transcode import check_transcode
+
+        check_transcode(req, src)
         check_shapes(req, src)
         if req.calibrated:
             from quantrt.convert.calibrated import check_calibration

@@ -79,6 +79,8 @@ class ConvertRequest:
                               "for one group per row")
         if self.method == "ct-w8a16" and self.group_size == 128:
             self.group_size = -1  # llm-compressor's W8A16 preset is per channel
+        # An integer source is transcoded as stored unless an algorithm is asked for.
+        self.algo_given = self.algo is not None
         if self.algo is None:
             self.algo = {"gptq": "gptq", "awq": "awq"}.get(self.method, "rtn")
         if self.algo not in ALGOS:

@@ -1,7 +1,7 @@
 """The model being converted, seen as float tensors under Hugging Face names.
 
 A source is an HF directory (float safetensors, or a quantized checkpoint that
-:mod:`quantrt.convert.dequant` expands back to floats) or a GGUF file (dequantized with
+:mod:`quantrt.convert.source_quantized` expands back to floats) or a GGUF file (dequantized with
 quantrt's GGML reference kernels, names mapped back to HF, llama.cpp's Q/K row
 permutation undone).  Tensors are read one at a time from memory-mapped files, so a
 conversion holds one tensor (or one decoder layer) of the source at once.
@@ -66,6 +66,19 @@ class ConvertSource:
     def close(self) -> None:
         pass
 
+    def source_int_weight(self, name: str):
+        """The linear ``name``'s integer weights as stored, when the source has them."""
+        return None
+
+    def int_weight(self, name: str, writer):
+        """What an integer writer should write as is (a lossless transcode), else None."""
+        from quantrt.convert.transcode import fit, transcodes
+
+        if not transcodes(writer.req):
+            return None
+        iw = self.source_int_weight(name)
+        return None if iw is None else fit(iw, writer.req, name, writer.scale_dtype)
+
 
 class HFSource(ConvertSource):
     def __init__(self, path: str, raw_config: dict[str, Any]) -> None:
@@ -73,7 +86,6 @@ class HFSource(ConvertSource):
 
         self.path = path
         self.ckpt = open_checkpoint(path)
-        self._last_file: str | None = None
         self.config = {k: v for k, v in raw_config.items() if k != "quantization_config"}
         tied = bool(raw_config.get("tie_word_embeddings", False))
         self.names = [n for n in self.ckpt.keys() if not n.endswith("rotary_emb.inv_freq")
@@ -83,13 +95,13 @@ class HFSource(ConvertSource):
         return tuple(self.ckpt.info(name)[1])
 
     def get(self, name: str) -> torch.Tensor:
-        file = self.ckpt.info(name)[2]
-        if file != self._last_file and isinstance(self.ckpt, SafetensorsCheckpoint):
-            # Unmap the previous shard: its pages would otherwise stay in our RSS.
-            self.ckpt.close()
-            self._last_file = file
         t = self.ckpt.get(name)
-        return t.float() if t.dtype.is_floating_point else t.clone()
+        t = t.float() if t.dtype.is_floating_point and t.dtype != torch.float32 else t.clone()
+        if isinstance(self.ckpt, SafetensorsCheckpoint):
+            # Unmap the file after every tensor: the pages read so far would otherwise stay
+            # in our RSS -- a 1B model in one 2.5 GB file reached 3.5 GB peak RSS.
+            self.ckpt.close()
+        return t
 
     def write_side_files(self, out: str) -> None:
         for f in SIDE_FILES:
@@ -134,6 +146,22 @@ class GGUFSource(ConvertSource):
                 raise UnsupportedError(f"GGUF tensor {gname!r} has no HF counterpart", where=path)
             self._gguf_name[f"{reverse[base]}.{suffix}"] = gname
         self.names = sorted(self._gguf_name)
+        # Lossless transcodes only when every linear is one integer-grid type: a mixed
+        # file (llama.cpp's Q4_0 keeps some tensors in Q6_K...) is re-quantized whole.
+        from quantrt.convert.transcode import GGUF_INT_TYPES
+
+        types = {self.ggml_type(n) for n in self.names if is_linear_weight(n, self.shape(n))}
+        self.int_type = types.pop() if len(types) == 1 and types <= set(GGUF_INT_TYPES) \
+            else None
+
+    def source_int_weight(self, name: str):
+        from quantrt.convert.transcode import gguf_int_weight
+
+        if self.int_type is None or not is_linear_weight(name, self.shape(name)):
+            return None
+        rows, cols = self.shape(name)
+        raw = self.unpermute(name, self.raw(name).reshape(rows, -1))
+        return gguf_int_weight(raw, self.int_type, rows, cols)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.gf.tensors[self._gguf_name[name]].shape)  # already [rows, cols]
@@ -212,9 +240,7 @@ def open_source(source: str | os.PathLike) -> ConvertSource:
     raw = read_json(os.path.join(path, "config.json"))
     detected = detect_hf(path, raw)
     if detected.method != "none":
-        # Transcoding quantized HF checkpoints (AWQ <-> GPTQ <-> compressed-tensors, any ->
-        # bf16) is not implemented yet; GGUF sources are (dequantized per tensor).
-        raise UnsupportedError(f"converting an already quantized ({detected.method}) HF "
-                               "checkpoint is not supported yet", where=path,
-                               hint="convert from the float model or a GGUF")
+        from quantrt.convert.source_quantized import QuantizedHFSource
+
+        return QuantizedHFSource(path, raw, detected)
     return HFSource(path, raw)

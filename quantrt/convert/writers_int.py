@@ -22,9 +22,12 @@ from quantrt.errors import UnsupportedError
 class _IntWriter(SafetensorsWriter):
     scale_dtype = torch.float16
 
+    g_idx_seen = False  # a transcoded act-order source: the config must say so
+
     def int_weight(self, name: str, w: torch.Tensor, iw: IntWeight | None) -> IntWeight:
         if iw is None:
             iw = rtn(w, self.req.bits, self.req.group_size, self.req.sym, self.scale_dtype)
+        self.g_idx_seen |= iw.g_idx is not None
         return iw
 
 
@@ -43,7 +46,8 @@ class GPTQWriter(_IntWriter):
 
     def quantization_config(self) -> dict[str, Any]:
         r = self.req
-        return {"bits": r.bits, "group_size": r.group_size, "desc_act": r.act_order,
+        return {"bits": r.bits, "group_size": r.group_size,
+                "desc_act": r.act_order or self.g_idx_seen,
                 "sym": r.sym, "lm_head": False, "quant_method": "gptq",
                 "checkpoint_format": "gptq", "format": "gptq", "method": "gptq",
                 "pack_dtype": "int32",
@@ -101,7 +105,8 @@ class CTIntWriter(_IntWriter):
     def quantization_config(self) -> dict[str, Any]:
         r = self.req
         channel = r.group_size <= 0
-        weights = {"actorder": "group" if r.act_order else None, "block_structure": None,
+        weights = {"actorder": "group" if r.act_order or self.g_idx_seen else None,
+                   "block_structure": None,
                    "dynamic": False, "group_size": None if channel else r.group_size,
                    "num_bits": r.bits, "observer": "minmax", "observer_kwargs": {},
                    "scale_dtype": None, "strategy": "channel" if channel else "group",
