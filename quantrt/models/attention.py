@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quant_kernels import cpu_layers
+
 
 @dataclass
 class AttentionMetadata:
@@ -40,6 +42,8 @@ class AttentionMetadata:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V ([T, kv_heads, head_dim]) into their cache slots."""
+    if k_cache.dtype == k.dtype and cpu_layers.fits(k):
+        return cpu_layers.write_kv(k_cache, v_cache, k, v, slot_mapping)
     nb, bs, h, d = k_cache.shape
     if k.dtype != k_cache.dtype:
         k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
@@ -171,6 +175,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     chunks, only the prefill rows take the torch reference (its per-sequence loop would
     otherwise run for every decoding sequence too).  Elsewhere: the torch reference."""
     if not q.is_cuda:
+        if k_cache.dtype == q.dtype and cpu_layers.fits(q):
+            return cpu_layers.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window,
+                                              softcap)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
     from quant_kernels.paged_attention import paged_decode_attention
 
