@@ -80,7 +80,8 @@ def _build(cxx: str, out_dir: Path) -> Path:
     log = out_dir / "build.log"
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{CSRC}"]
     torch_lib = Path(torch.__file__).parent / "lib"
-    print(f"quantrt: building the CPU kernels into {out_dir} (once, ~30 s)", file=sys.stderr)
+    if sys.stderr.isatty():  # a person waits on it; logs and tests are spared the line
+        print(f"quantrt: building the CPU kernels into {out_dir} (once, ~30 s)", file=sys.stderr)
     with open(log, "w") as lf:
         procs = [subprocess.Popen([cxx, *FLAGS, *includes, "-c", str(CSRC / s),
                                    "-o", str(out_dir / f"{s}.o")], stdout=lf, stderr=lf)

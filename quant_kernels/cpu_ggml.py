@@ -34,9 +34,16 @@ def supports(ggml_type: int, n: int, k: int) -> tuple[bool, str]:
     return cpu_ext.status()
 
 
+def ggml_mm(x: torch.Tensor, raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """The op itself: fp32 ``x [M, K]`` only (callers on the hot path skip :func:`matmul`)."""
+    return torch.ops.quantrt_cpu.ggml_mm.default(x, raw, ggml_type)
+
+
 def matmul(x: torch.Tensor, raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """``x [M, K]`` (any float dtype) @ W.T -> ``[M, N]`` in ``x.dtype``; ``raw`` is the
     contiguous GGML bytes of W."""
+    if not cpu_ext.available():
+        raise RuntimeError(f"the CPU extension is not available: {cpu_ext.status()[1]}")
     if x.dtype is torch.float32:
-        return cpu_ext.ops().ggml_mm(x, raw, int(ggml_type))
-    return cpu_ext.ops().ggml_mm(x.float(), raw, int(ggml_type)).to(x.dtype)
+        return ggml_mm(x, raw, int(ggml_type))
+    return ggml_mm(x.float(), raw, int(ggml_type)).to(x.dtype)

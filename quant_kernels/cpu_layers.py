@@ -56,3 +56,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """The paged attention of ``quantrt.models.attention`` for every sequence at once."""
     return _ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                 meta.query_start_loc, scale, sliding_window or 0, softcap or 0.0)
+
+
+def attention_block(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv, meta,
+                    heads: int, kv_heads: int, scale: float, sliding_window: int | None,
+                    softcap: float | None) -> torch.Tensor:
+    """A layer's attention after its qkv projection in one call: rotary on q and k (cos/sin
+    ``[T, 1, rot]``), K/V written at ``meta.slot_mapping``, paged attention.
+    ``qkv [T, (heads + 2 kv_heads) * D]`` -> ``[T, heads * D]``."""
+    return _ops.attention_block(qkv, rope[0], rope[1], kv[0], kv[1], meta.slot_mapping,
+                                meta.block_tables, meta.context_lens, meta.query_start_loc,
+                                heads, kv_heads, scale, sliding_window or 0, softcap or 0.0)

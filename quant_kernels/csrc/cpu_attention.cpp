@@ -140,3 +140,28 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 }
 
 }  // namespace quantrt_cpu
+
+namespace quantrt_cpu {
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slots);
+
+// A layer's attention after its qkv projection, as one call: rotary on q and k, K/V into
+// the cache, paged attention.  qkv [T, (heads + 2 kv_heads) * D] -> [T, heads * D].
+at::Tensor attention_block(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                           at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                           const at::Tensor& block_tables, const at::Tensor& context_lens,
+                           const at::Tensor& query_start_loc, int64_t heads, int64_t kv_heads,
+                           double scale, int64_t window, double softcap) {
+  TORCH_CHECK(qkv.dim() == 2 && k_cache.dim() == 4, "attention_block: expects qkv [T, width]");
+  const int64_t T = qkv.size(0), D = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == (heads + 2 * kv_heads) * D, "attention_block: qkv has width ",
+              qkv.size(1), ", expected (", heads, " + 2 * ", kv_heads, ") * ", D);
+  const at::Tensor x = qkv.view({T, heads + 2 * kv_heads, D});
+  const at::Tensor qk = rope(x.slice(1, 0, heads + kv_heads), cos, sin);
+  write_kv(k_cache, v_cache, qk.slice(1, heads), x.slice(1, heads + kv_heads), slots);
+  return paged_attention(qk.slice(1, 0, heads), k_cache, v_cache, block_tables, context_lens,
+                         query_start_loc, scale, window, softcap)
+      .view({T, heads * D});
+}
+}  // namespace quantrt_cpu

@@ -14,6 +14,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
                            const at::Tensor& block_tables, const at::Tensor& context_lens,
                            const at::Tensor& query_start_loc, double scale, int64_t window,
                            double softcap);
+at::Tensor attention_block(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                           at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots,
+                           const at::Tensor& block_tables, const at::Tensor& context_lens,
+                           const at::Tensor& query_start_loc, int64_t heads, int64_t kv_heads,
+                           double scale, int64_t window, double softcap);
 }  // namespace quantrt_cpu
 
 TORCH_LIBRARY(quantrt_cpu, m) {
@@ -24,6 +29,9 @@ TORCH_LIBRARY(quantrt_cpu, m) {
   m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slots) -> ()");
   m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, Tensor query_start_loc, float scale, int window, float softcap) -> Tensor");
+  m.def("attention_block(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slots, Tensor block_tables, Tensor context_lens, Tensor query_start_loc, int heads, "
+        "int kv_heads, float scale, int window, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(quantrt_cpu, CPU, m) {
@@ -33,4 +41,5 @@ TORCH_LIBRARY_IMPL(quantrt_cpu, CPU, m) {
   m.impl("silu_mul", &quantrt_cpu::silu_mul);
   m.impl("write_kv", &quantrt_cpu::write_kv);
   m.impl("paged_attention", &quantrt_cpu::paged_attention);
+  m.impl("attention_block", &quantrt_cpu::attention_block);
 }

@@ -113,6 +113,8 @@ class CpuGGMLKernel(GGMLKernel):
         self.ggml_type = w.ggml_type
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.float32:  # the model's CPU dtype: straight to the op (~1 us less)
+            return cpu_ggml.ggml_mm(x, self.data, self.ggml_type)
         return cpu_ggml.matmul(x, self.data, self.ggml_type)
 
     def tensors(self) -> list[torch.Tensor]:
