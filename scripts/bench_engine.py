@@ -6,7 +6,8 @@ Not a test: prints a small table and optionally writes JSON.
 
 Greedy, EOS ignored, fixed prompts.  Each figure is new tokens / wall time of the whole
 generate call (prompt processing included), best of ``--repeats`` after one warm-up run.
-The prefix cache is off so repeats do not skip their prompts.
+The prefix cache is off so repeats do not skip their prompts.  ``QUANTRT_CPU_EXT=0`` in the
+environment measures the CPU path without quantrt's extension (the baseline).
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ def main() -> None:
     multi_s, multi_n = _best(llm, batch, params, args.repeats)
     result = {
         "source": args.source, "device": args.device, "kernels": args.kernels,
+        "kernel": llm.engine.runner.model.layers[0].mlp.down_proj.method.kernel(llm.engine.runner.model.layers[0].mlp.down_proj).name,
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "load_s": round(load_s, 2), "tokens_per_request": args.tokens,
         "single_stream_tok_s": round(single_n / single_s, 1),
@@ -73,7 +75,7 @@ def main() -> None:
         "aggregate_tok_s": round(multi_n / multi_s, 1),
         "per_request_tok_s": round(multi_n / multi_s / max(args.concurrency, 1), 1),
     }
-    print(f"| {args.source} on {args.device} ({args.kernels} kernels, {result['threads']} threads) "
+    print(f"| {args.source} on {args.device} ({result['kernel']}, {result['threads']} threads) "
           f"| tok/s |\n|---|---|\n"
           f"| single stream | {result['single_stream_tok_s']} |\n"
           f"| {args.concurrency} concurrent, aggregate | {result['aggregate_tok_s']} |\n"
