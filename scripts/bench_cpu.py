@@ -43,7 +43,8 @@ def bench_quantrt(source: str, tokens: int, repeats: int, kernels: str) -> dict:
         seq = engine.generate([ids], params)[0]
         best = min(best, time.perf_counter() - t)
         text = lm.tokenizer.decode(seq.output_ids)
-    kernel = lm.model.layers[0].mlp.down_proj.method.kernel(lm.model.layers[0].mlp.down_proj).name
+    down = lm.model.layers[0].mlp.down_proj
+    kernel = down.method.kernel(down).name
     return {"tok_s": tokens / best, "load_s": load_s, "text": text,
             "source": str(lm.source.path), "kernel": kernel}
 

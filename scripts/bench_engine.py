@@ -65,9 +65,10 @@ def main() -> None:
     single_s, single_n = _best(llm, [PROMPTS[0]], params, args.repeats)
     batch = [PROMPTS[i % len(PROMPTS)] for i in range(args.concurrency)]
     multi_s, multi_n = _best(llm, batch, params, args.repeats)
+    down = llm.engine.runner.model.layers[0].mlp.down_proj
     result = {
         "source": args.source, "device": args.device, "kernels": args.kernels,
-        "kernel": llm.engine.runner.model.layers[0].mlp.down_proj.method.kernel(llm.engine.runner.model.layers[0].mlp.down_proj).name,
+        "kernel": down.method.kernel(down).name,
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "load_s": round(load_s, 2), "tokens_per_request": args.tokens,
         "single_stream_tok_s": round(single_n / single_s, 1),
