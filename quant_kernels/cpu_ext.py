@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = ("ggml_gemm.cpp", "cpu_layers.cpp", "cpu_attention.cpp", "ops.cpp")
-HEADERS = ("simd.h",)
+SOURCES = ("ggml_gemm.cpp", "cpu_layers.cpp", "cpu_attention.cpp", "pool.cpp", "ops.cpp")
+HEADERS = ("simd.h", "pool.h")
 # -ffp-contract=off: only the explicit FMA intrinsics fuse, so the scalar tails round as
-# written.  -fopenmp: at::parallel_for's inline OpenMP region (the soname resolves to the
-# libgomp torch already loaded, so both share one thread pool).
-FLAGS = ("-O3", "-std=c++20", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
+# written.  The kernels share work through their own pool (csrc/pool.h), not OpenMP.
+FLAGS = ("-O3", "-std=c++20", "-fPIC", "-pthread", "-mavx2", "-mfma", "-mf16c",
          "-ffp-contract=off", "-DNDEBUG", "-w")
 DISABLE_ENV = "QUANTRT_CPU_EXT"
 _REQUIRED_FLAGS = ("avx2", "fma", "f16c")
@@ -89,7 +88,7 @@ def _build(cxx: str, out_dir: Path) -> Path:
         if any(p.wait() != 0 for p in procs):
             raise RuntimeError(f"compiling failed (log: {log})")
         tmp = out_dir / f"quantrt_cpu.{os.getpid()}.so"
-        rc = subprocess.run([cxx, "-shared", "-fopenmp", *[str(out_dir / f"{s}.o") for s in SOURCES],
+        rc = subprocess.run([cxx, "-shared", "-pthread", *[str(out_dir / f"{s}.o") for s in SOURCES],
                              "-o", str(tmp), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
                              f"-Wl,-rpath,{torch_lib}"], stdout=lf, stderr=lf).returncode
         if rc != 0:

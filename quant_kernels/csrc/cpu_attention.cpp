@@ -7,7 +7,6 @@
 // One task is (token, kv head): the group of query heads sharing that kv head reads each
 // key and value row once.  Each query's result depends only on its own keys, computed in a
 // fixed order: batch invariant.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -15,6 +14,7 @@
 #include <cmath>
 #include <vector>
 
+#include "pool.h"
 #include "simd.h"
 
 namespace quantrt_cpu {
@@ -103,7 +103,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   const float* vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale), cap = static_cast<float>(softcap);
-  at::parallel_for(0, T * Hk, 1, [&](int64_t lo, int64_t hi) {
+  // (token, kv head) tasks per chunk: ~64k multiply-adds each, so a decode step of a short
+  // context stays on the calling thread
+  int64_t keys = 0;
+  for (int64_t t = 0; t < T; ++t) keys += pos_of[t] + 1;
+  const int64_t per_task = std::max<int64_t>(1, keys / std::max<int64_t>(T, 1) * G * D);
+  parallel_range(T * Hk, std::max<int64_t>(1, 65536 / per_task), [&](int64_t lo, int64_t hi) {
     std::vector<float> p;
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t t = item / Hk, hk = item % Hk, b = seq_of[t], pos = pos_of[t];

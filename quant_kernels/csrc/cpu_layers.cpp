@@ -1,13 +1,13 @@
 // The small per-layer ops of a decoder step, one call each instead of 5-15 torch ops
 // (each torch op costs 5-15 us on a small CPU; at batch 1 that is most of a layer).
 // Every op computes a row from that row alone, in a fixed order: batch invariant.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 
+#include "pool.h"
 #include "simd.h"
 
 namespace quantrt_cpu {
@@ -31,7 +31,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)), [&](int64_t lo, int64_t hi) {
+  parallel_range(T, std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const float* r = xp + t * ld;
       float* o = yp + t * H;
@@ -70,7 +70,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   const float* sp = sin.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1), cs = cos.stride(0), ss = sin.stride(0);
-  at::parallel_for(0, T, 64, [&](int64_t lo, int64_t hi) {
+  parallel_range(T, 64, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       const float* c = cp + t * cs;
       const float* s = sp + t * ss;
@@ -106,7 +106,7 @@ at::Tensor silu_mul(const at::Tensor& x) {
   at::Tensor y = at::empty({T, I}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t lo, int64_t hi) {
+  parallel_range(T, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t lo, int64_t hi) {
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     for (int64_t t = lo; t < hi; ++t) {
       const float* g = xp + t * ld;

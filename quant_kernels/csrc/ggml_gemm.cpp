@@ -9,7 +9,6 @@
 // Batch invariance: output (i, n) is computed by one thread with the same instructions in
 // the same order whatever M is and whichever other rows share the call, so a request's
 // tokens do not depend on what else is batched with it.
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
@@ -17,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "pool.h"
 #include "simd.h"
 
 namespace quantrt_cpu {
@@ -65,7 +65,7 @@ QuantAct quantize(const float* x, int64_t M, int64_t K) {
   a.q.resize(M * K);
   a.d.resize(M * a.nb);
   a.s.resize(M * a.nb);
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t lo, int64_t hi) {
+  parallel_range(M, std::max<int64_t>(1, 16384 / K), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i)
       quantize_row(x + i * K, a.nb, a.q.data() + i * K, a.d.data() + i * a.nb, a.s.data() + i * a.nb);
   });
@@ -158,12 +158,14 @@ inline void row_dot(const uint8_t* w, const QuantAct& a, int64_t i0, float* out,
 
 template <int T>
 void gemm(const QuantAct& a, const uint8_t* w, int64_t row_bytes, int64_t M, int64_t N, float* y) {
-  // Enough rows per task that a task outweighs the cost of handing it out.
-  const int64_t grain = std::max<int64_t>(4, 2048 / std::max<int64_t>(1, a.nb * M));
+  // Chunks of ~2048 block dots (a few microseconds: far more than claiming one costs), and
+  // at least 8 of them so the threads can even out.
+  const int64_t grain = std::max<int64_t>(
+      4, std::min<int64_t>(2048 / std::max<int64_t>(1, a.nb * M), (N + 7) / 8));
   // Activation rows are taken 64 at a time so their quants stay in L2 while a task's
   // weight rows pass over them.
   constexpr int64_t MT = 64;
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+  parallel_range(N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += MT) {
       const int64_t m1 = std::min(M, m0 + MT);
       for (int64_t n = n0; n < n1; ++n) {
