@@ -101,3 +101,21 @@ def test_supports_reasons():
     assert not ok and "Q4_K" in why and "Q8_0" in why
     ok, why = cpu_ggml.supports(Q.Q4_0, 16, 48)
     assert not ok and "multiple of 32" in why
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_do_not_change_results(threads):
+    """The work-sharing pool (csrc/pool.h) splits output rows over threads; every output is
+    computed by one thread in a fixed order, so results are bit-identical to one thread."""
+    raw = _weight(Q.Q4_1, 1000, 576, seed=7)
+    x = torch.randn(37, 576, generator=torch.Generator().manual_seed(8))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [cpu_ggml.matmul(x[:m], raw, Q.Q4_1) for m in (1, 37)]
+        torch.set_num_threads(threads)
+        for _ in range(20):  # many jobs through the same helpers
+            many = [cpu_ggml.matmul(x[:m], raw, Q.Q4_1) for m in (1, 37)]
+            assert all(torch.equal(a, b) for a, b in zip(one, many))
+    finally:
+        torch.set_num_threads(before)
