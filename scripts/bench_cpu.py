@@ -5,14 +5,20 @@ same machine, same run.  Not a test: prints a markdown table and writes JSON.
 
 Each engine generates ``--tokens`` new tokens (EOS ignored) after the same prompt; the
 figure is new tokens / wall time of the whole generate call (prompt processing included),
-best of ``--repeats``.  HF loads the GGUF dequantized to fp32 (its only way).
+best of ``--repeats``.  HF loads the GGUF dequantized to fp32 (its only way).  Rows: quantrt's
+default kernels; the same with the CPU extension off (``QUANTRT_CPU_EXT=0``: torch's tinygemm
+int4 kernel and torch ops, the path before the extension; run in a child process, since the
+extension's state is per process); ``--kernels reference``; HF transformers.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -37,8 +43,23 @@ def bench_quantrt(source: str, tokens: int, repeats: int, kernels: str) -> dict:
         seq = engine.generate([ids], params)[0]
         best = min(best, time.perf_counter() - t)
         text = lm.tokenizer.decode(seq.output_ids)
+    down = lm.model.layers[0].mlp.down_proj
+    kernel = down.method.kernel(down).name
     return {"tok_s": tokens / best, "load_s": load_s, "text": text,
-            "source": str(lm.source.path)}
+            "source": str(lm.source.path), "kernel": kernel}
+
+
+def bench_ext_off(args: argparse.Namespace) -> dict:
+    """The default kernels with the CPU extension disabled, in a child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "child.json")
+        cmd = [sys.executable, __file__, "--child", "--source", args.source, "--tokens",
+               str(args.tokens), "--repeats", str(args.repeats), "--json", out]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        subprocess.run(cmd, check=True, env={**os.environ, "QUANTRT_CPU_EXT": "0"})
+        with open(out) as f:
+            return json.load(f)
 
 
 def bench_hf(path: str, tokens: int, repeats: int) -> dict:
@@ -71,21 +92,30 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        with open(args.json, "w") as f:
+            json.dump(bench_quantrt(args.source, args.tokens, args.repeats, "auto"), f)
+        return
     fast = bench_quantrt(args.source, args.tokens, args.repeats, "auto")
+    off = bench_ext_off(args)
     ref = bench_quantrt(args.source, args.tokens, args.repeats, "reference")
     hf = bench_hf(fast["source"], args.tokens, args.repeats)
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                    f"cpu capability {torch.backends.cpu.get_cpu_capability()}",
         "torch": torch.__version__, "transformers": hf["version"], "python": sys.version.split()[0],
-        "tokens": args.tokens, "quantrt": fast, "quantrt_reference": ref, "hf": hf,
+        "tokens": args.tokens, "quantrt": fast, "quantrt_ext_off": off,
+        "quantrt_reference": ref, "hf": hf,
         "ratio_vs_hf": fast["tok_s"] / hf["tok_s"],
     }
     print(f"| engine | tokens/s | vs HF |\n|---|---|---|\n"
-          f"| quantrt (cpu-int4pack) | {fast['tok_s']:.1f} | {fast['tok_s'] / hf['tok_s']:.2f}x |\n"
+          f"| quantrt ({fast['kernel']}) | {fast['tok_s']:.1f} | {fast['tok_s'] / hf['tok_s']:.2f}x |\n"
+          f"| quantrt, extension off ({off['kernel']}) | {off['tok_s']:.1f} | "
+          f"{off['tok_s'] / hf['tok_s']:.2f}x |\n"
           f"| quantrt (reference kernels) | {ref['tok_s']:.1f} | {ref['tok_s'] / hf['tok_s']:.2f}x |\n"
           f"| HF transformers {hf['version']} (GGUF dequantized, fp32) | {hf['tok_s']:.1f} | 1.00x |")
     print(f"\n{result['machine']}; torch {result['torch']}; {args.tokens} new tokens, best of "

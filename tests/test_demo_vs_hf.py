@@ -2,7 +2,11 @@
 
 Tolerances: the reference kernels compute in fp32 from exactly the same dequantized
 weights, so last-position logits agree to 2e-3 absolute (logits span about +-30); the fast
-CPU kernel rounds activations and block scales to bf16, so its logits agree to 0.5.
+CPU kernel (cpu-ggml) rounds each activation to int8 on its 32-value block's grid, as
+llama.cpp does (up to 2^-8 of the block's largest value, against bf16's 2^-9 of the value
+itself on the older tinygemm path): measured max |diff| 0.58-0.77 over these prompts
+(tinygemm: < 0.5), asserted < 1.0; the greedy-agreement test below bounds what that does
+to the tokens.
 """
 import pytest
 import torch
@@ -84,7 +88,7 @@ def test_last_logits_fast_kernels(hf, ours_fast, prompt):
     ids = ours_fast.tokenizer.encode(prompt)
     ours = ours_fast.runner.logits_for(ids, ours_fast.blocks)[-1]
     ref = _hf_logits(hf, prompt)
-    assert (ours - ref).abs().max().item() < 0.5
+    assert (ours - ref).abs().max().item() < 1.0
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -98,10 +102,11 @@ def test_greedy_continuation_identical(hf, ours_ref, prompt):
 
 
 def test_fast_kernels_track_hf_greedy(hf, ours_fast):
-    """bf16 rounding in the fast kernel can flip a near-tie, after which free-running greedy
-    paths part for good, so agreement is measured teacher-forced: at every step the fast path
-    predicts the next token of HF's own greedy continuation through real decode steps (M=1,
-    the int4 kernel).  Measured 157/160; asserted: the first token everywhere and >= 90%."""
+    """Activation rounding in the fast kernel can flip a near-tie, after which free-running
+    greedy paths part for good, so agreement is measured teacher-forced: at every step the
+    fast path predicts the next token of HF's own greedy continuation through real decode
+    steps (M=1).  Measured 154/160 (cpu-ggml; tinygemm: 157/160); asserted: the first token
+    everywhere and >= 90%."""
     from quantrt.engine.sequence import SamplingParams
 
     agree = total = 0

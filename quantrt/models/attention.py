@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quant_kernels import cpu_layers
+
 
 @dataclass
 class AttentionMetadata:
@@ -40,6 +42,8 @@ class AttentionMetadata:
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V ([T, kv_heads, head_dim]) into their cache slots."""
+    if k_cache.dtype == k.dtype and cpu_layers.fits(k):
+        return cpu_layers.write_kv(k_cache, v_cache, k, v, slot_mapping)
     nb, bs, h, d = k_cache.shape
     if k.dtype != k_cache.dtype:
         k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
@@ -167,6 +171,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     64 query rows for one token would waste most of its work).  Elsewhere: the torch
     reference."""
     if not q.is_cuda:
+        if k_cache.dtype == q.dtype and cpu_layers.fits(q):
+            return cpu_layers.paged_attention(q, k_cache, v_cache, meta, scale, sliding_window,
+                                              softcap)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
     return paged_attention_triton(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
 

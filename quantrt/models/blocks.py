@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from quant_kernels import cpu_layers
 from quantrt.config import ModelConfig, RopeConfig
 from quantrt.models.attention import AttentionMetadata, paged_attention, write_kv
 from quantrt.models.layers import (
@@ -60,9 +61,15 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         cfg = self.cfg
         hq, hk = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(h).view(-1, hq + 2 * hk, cfg.head_dim)
-        v = qkv[:, hq + hk:]
+        qkv = self.qkv_proj(h)
         rope = ropes[id(self.rotary)]
+        if not cfg.qk_norm and kv[0].dtype == qkv.dtype and cpu_layers.fits(qkv):
+            # CPU: rotary, cache write and attention in one call (the ops below cost ~40 us)
+            o = cpu_layers.attention_block(qkv, rope, kv, meta, hq, hk, cfg.attn_scale,
+                                           self.window, cfg.attn_softcap)
+            return self.o_proj(o)
+        qkv = qkv.view(-1, hq + 2 * hk, cfg.head_dim)
+        v = qkv[:, hq + hk:]
         if cfg.qk_norm:
             q = self.rotary.apply(self.q_norm(qkv[:, :hq]), *rope)
             k = self.rotary.apply(self.k_norm(qkv[:, hq:hq + hk]), *rope)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant_kernels import cpu_layers
 from quantrt.config import RopeConfig
 from quantrt.errors import FormatError
 from quantrt.quant.base import QuantConfig, ShardTracker
@@ -187,6 +188,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp32:
             return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(x.dtype)
+        if x.dim() == 2 and cpu_layers.fits(x):
+            return cpu_layers.rms_norm(x, self.weight, self.eps)
         # One fused op; it normalises in fp32 internally like HF's LlamaRMSNorm.
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
@@ -300,6 +303,8 @@ class RotaryEmbedding(nn.Module):
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim] (any number of heads: q and k can go together)."""
+        if cpu_layers.fits(x) and x.dim() == 3 and cos.dtype == x.dtype:
+            return cpu_layers.rope(x, cos, sin)
         rot = self.rot_dim
         xr = x[..., :rot] if rot != x.shape[-1] else x
         half = rot // 2
@@ -311,6 +316,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and cpu_layers.fits(x):
+        return cpu_layers.silu_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
