@@ -169,12 +169,11 @@ def _row(m: Method, wb: WeightBytes, acts: int, overhead: int, device: GPU | Non
                   checkpoint_bytes=wb.checkpoint, loaded_bytes=wb.loaded,
                   weights_per_gpu=wb.per_gpu, activation_bytes=acts, overhead_bytes=overhead)
     if device is None:
-        reason = "; ".join(wb.problems)
         return MethodEstimate(**common, kv_budget_bytes=None, kv_capacity_tokens=None,
-                              max_seqs=None, fits=False if reason else None, reason=reason)
-    blocker = "; ".join(wb.problems[:2])
+                              max_seqs=None, fits=None, reason="")
+    blocker = ""
     cc, need = device.capability, m.layout.min_capability
-    if not blocker and cc is not None and cc < need:
+    if cc is not None and cc < need:
         blocker = (f"{m.layout.family} kernels need compute capability {need / 10:.1f}, "
                    f"{device.name} has {cc / 10:.1f}")
     f = fit(device, settings, wb.per_gpu, acts, overhead, per_token, per_seq, blocker)

@@ -127,17 +127,6 @@ class CompressedTensors(RepackedToWQ):
             out.append(TensorSpec("input_scale", (1,), sd))
         return out
 
-    def partition_problem(self, w, n, k, split, ctx):
-        s = self.scheme(w)
-        if s is None:
-            return None
-        part = w.name.rsplit(".", 1)[-1]
-        if s.strategy == "group" and split == "row" and k % s.group_size:
-            return f"{part}: K per GPU {k} is not a multiple of group {s.group_size}"
-        if s.strategy == "block" and (n % s.block_structure[0] or k % s.block_structure[1]):
-            return f"{part}: [{n}, {k}] per GPU is not a whole number of blocks"
-        return None
-
 
 def _scheme_from(group: dict[str, Any], fmt: str | None, where: str) -> CTScheme:
     weights = group.get("weights")

@@ -149,16 +149,6 @@ class GGUFMix(Layout):
             out.append(TensorSpec("bias", (shape[0],), "F32"))
         return out
 
-    def partition_problem(self, w, n, k, split, ctx):
-        return _gguf_partition(w, k, split, mixed_type(self.ftype, w, ctx))
-
-
-def _gguf_partition(w: Weight, k: int, split: str, ggml_type: str) -> str | None:
-    if split == "row" and k % _block(ggml_type):
-        return (f"{gguf_names(w)}: K per GPU {k} is not a multiple of the {ggml_type} block "
-                f"{_block(ggml_type)}")
-    return None
-
 
 @dataclass(frozen=True)
 class GGUFFile(Layout):
@@ -190,6 +180,3 @@ class GGUFFile(Layout):
         if w.bias:
             out.append(TensorSpec("bias", (shape[0],), self.type_of(w, "bias")))
         return out
-
-    def partition_problem(self, w, n, k, split, ctx):
-        return _gguf_partition(w, k, split, self.type_of(w))

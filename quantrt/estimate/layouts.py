@@ -141,11 +141,6 @@ class Layout:
         """GPU bytes of ``w`` after loading (by default: the tensors the loader keeps)."""
         return sum(s.loaded_bytes for s in self.tensors(w, shape, full_k, ctx))
 
-    def partition_problem(self, w: Weight, n: int, k: int, split: str,
-                          ctx: Context) -> str | None:
-        """Why this method cannot shard ``w`` into [n, k] pieces (None: it can)."""
-        return None
-
 
 class RepackedToWQ(Layout):
     """Integer-affine methods: on the GPU quantrt holds them in its common WQ layout
@@ -212,9 +207,3 @@ class FP8(Layout):
         out = [TensorSpec("weight", (n, k), "float8_e4m3fn"),
                TensorSpec("weight_scale_inv", scale, "float32")]
         return out + ([TensorSpec("input_scale", (), "float32")] if self.static_activations else [])
-
-    def partition_problem(self, w, n, k, split, ctx):
-        if self.block and split != "none" and (n % self.block[0] or k % self.block[1]):
-            return (f"{w.name.rsplit('.', 1)[-1]}: [{n}, {k}] per GPU is not a whole number of "
-                    f"{self.block[0]}x{self.block[1]} blocks")
-        return None

@@ -144,7 +144,6 @@ class WeightBytes:
     loaded: int              # in GPU memory after loading, whole model on one GPU
     per_gpu: int             # in GPU memory on each GPU (largest rank) with tensor parallelism
     quantized_params: int    # parameters stored quantized
-    problems: tuple[str, ...] = ()   # why tensor parallelism cannot shard this layout
 
 
 def weight_bytes_of(arch: Arch, layout: Layout, tp: int = 1, compute: str = "bfloat16",
@@ -154,10 +153,8 @@ def weight_bytes_of(arch: Arch, layout: Layout, tp: int = 1, compute: str = "bfl
     ctx = Context(arch, compute)
     disk = loaded = quantized = 0
     per_rank = [0] * tp
+    # quantrt's loader never refuses a split: it widens a cut and pads the input instead
     mlp_unit = _down_group(arch, layout, ctx) if tp > 1 else 1
-    # quantrt's loader never refuses a split (it widens a cut and pads the input instead);
-    # ``problems`` stays for layouts a future rule may refuse
-    problems: list[str] = []
     for w in weights(arch):
         specs = layout.tensors(w, w.shape, w.shape[1] if len(w.shape) == 2 else 0, ctx)
         disk += sum(s.disk_bytes for s in specs)
@@ -168,7 +165,7 @@ def weight_bytes_of(arch: Arch, layout: Layout, tp: int = 1, compute: str = "bfl
             shape, full_k, split = shard(w, arch, tp, rank, mlp_unit)
             per_rank[rank] += layout.loaded_bytes(w, shape, full_k, ctx)
     per_gpu = max(per_rank) if tp > 1 else loaded
-    return WeightBytes(disk + extra, loaded + extra, per_gpu + extra, quantized, tuple(problems))
+    return WeightBytes(disk + extra, loaded + extra, per_gpu + extra, quantized)
 
 
 def kv_bytes_per_token(arch: Arch, tp: int, kv_bytes: int) -> int:

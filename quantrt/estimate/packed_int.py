@@ -25,12 +25,6 @@ def awq_gemv_zeros_width(k: int, group_size: int) -> int:
     return cdiv(cdiv(cdiv(k, g), 8), mult) * mult
 
 
-def _group_problem(w: Weight, k: int, group: int, split: str) -> str | None:
-    if split == "row" and group > 0 and k % group:
-        return f"{w.name.rsplit('.', 1)[-1]}: K per GPU {k} is not a multiple of group {group}"
-    return None
-
-
 @dataclass(frozen=True)
 class GPTQ(RepackedToWQ):
     bits: int = 4
@@ -88,11 +82,6 @@ class GPTQ(RepackedToWQ):
             out.append(TensorSpec("bias", (n,), "float16", kept=False))
         return out
 
-    def partition_problem(self, w, n, k, split, ctx):
-        if (n * self.bits) % 32:
-            return f"{w.name.rsplit('.', 1)[-1]}: N per GPU {n} does not fill whole int32 words"
-        return None if self.desc_act else _group_problem(w, k, self.group_size, split)
-
 
 @dataclass(frozen=True)
 class Marlin(RepackedToWQ):
@@ -123,12 +112,6 @@ class Marlin(RepackedToWQ):
         groups = 1 if self.group_size == -1 else cdiv(k, self.group_size)
         return [TensorSpec("B", (cdiv(k, 16), 2 * n), "int32"),
                 TensorSpec("s", (groups, n), "float16")]
-
-    def partition_problem(self, w, n, k, split, ctx):
-        # Marlin's tiles: K % 128 (and % group) and N % 64 on every GPU (vLLM's checks).
-        if k % 128 or n % 64:
-            return f"{w.name.rsplit('.', 1)[-1]}: [{n}, {k}] per GPU does not tile for Marlin"
-        return None
 
 
 @dataclass(frozen=True)
@@ -169,8 +152,3 @@ class AWQ(RepackedToWQ):
         return [TensorSpec("qweight", (n, cdiv(k, 8)), "int32"),
                 TensorSpec("qzeros", (n, width), "int32"),
                 TensorSpec("scales", (n, 8 * width), "float16")]
-
-    def partition_problem(self, w, n, k, split, ctx):
-        if n % 8:
-            return f"{w.name.rsplit('.', 1)[-1]}: N per GPU {n} is not a multiple of 8"
-        return _group_problem(w, k, self.group_size, split)
