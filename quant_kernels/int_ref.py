@@ -93,17 +93,29 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int = -1, sym: bool = T
     inf = torch.full((n_groups, n), float("inf"), device=w.device)
     lo = inf.scatter_reduce(0, gi[:, None].expand(k, n), wt, "amin")
     hi = (-inf).scatter_reduce(0, gi[:, None].expand(k, n), wt, "amax")
+    scales, zeros = affine_params(lo, hi, bits, sym)
+    q = torch.clamp(torch.round(wt / scales[gi]) + zeros[gi], 0, (1 << bits) - 1)
+    return q.to(torch.int32), scales, zeros.to(torch.int32)
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, sym: bool,
+                  scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max scale and zero of ranges ``[lo, hi]`` (widened to include 0), as floats.
+
+    The scale is rounded to ``scale_dtype`` (what a checkpoint stores) before the zero is
+    derived from it, so codes computed with both dequantize to what is stored."""
     lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
     maxq = (1 << bits) - 1
     if sym:
         amax = torch.maximum(-lo, hi)
-        scales = torch.where(amax > 0, 2 * amax / maxq, torch.ones_like(amax))
-        zeros = torch.full_like(scales, float(1 << (bits - 1)))
+        scale = torch.where(amax > 0, 2 * amax / maxq, torch.ones_like(amax))
     else:
-        scales = torch.where(hi > lo, (hi - lo) / maxq, torch.ones_like(hi))
-        zeros = torch.round(-lo / scales)
-    q = torch.clamp(torch.round(wt / scales[gi]) + zeros[gi], 0, maxq)
-    return q.to(torch.int32), scales, zeros.to(torch.int32)
+        scale = torch.where(hi > lo, (hi - lo) / maxq, torch.ones_like(hi))
+    scale = scale.to(scale_dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # fp16 underflow
+    if sym:
+        return scale, torch.full_like(scale, float(1 << (bits - 1)))
+    return scale, torch.clamp(torch.round(-lo / scale), 0, maxq)
 
 
 def dequant_lut(idx: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quant_kernels.int_ref import affine_params
 from quantrt.errors import ConfigError
 
 
@@ -53,20 +54,7 @@ def minmax_params(w: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtyp
 
     The scale is rounded to ``scale_dtype`` (what the checkpoint stores) before any code
     is computed, so the written weights dequantize to exactly what was optimised."""
-    lo = torch.clamp(w.amin(dim=-1), max=0)
-    hi = torch.clamp(w.amax(dim=-1), min=0)
-    maxq = (1 << bits) - 1
-    if sym:
-        amax = torch.maximum(-lo, hi)
-        scale = torch.where(amax > 0, 2 * amax / maxq, torch.ones_like(amax))
-        zero = torch.full_like(scale, float(1 << (bits - 1)))
-    else:
-        scale = torch.where(hi > lo, (hi - lo) / maxq, torch.ones_like(hi))
-    scale = scale.to(scale_dtype).float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # fp16 underflow
-    if not sym:
-        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
-    return scale, zero
+    return affine_params(w.amin(dim=-1), w.amax(dim=-1), bits, sym, scale_dtype)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
