@@ -49,6 +49,8 @@ import gguf
 import numpy as np
 import torch
 
+from quantrt.convert.writer_gguf import token_table
+
 Q = gguf.GGMLQuantizationType
 
 # HF class name -> GGUF architecture (as llama.cpp's converter registers them)
@@ -156,22 +158,9 @@ def _write_tokenizer(w: gguf.GGUFWriter, model_dir: Path, cfg: dict[str, Any], p
     vocab = tok.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ValueError(f"tokenizer ids reach {max(vocab.values())}, model vocab is {vocab_size}")
-    by_id = {i: t for t, i in vocab.items()}
-    added = tok.get_added_vocab()
     specials = {i for i, at in tok.added_tokens_decoder.items() if at.special}
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
-        text = by_id.get(i)
-        if text is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif text in added:
-            tokens.append(text)
-            types.append(gguf.TokenType.CONTROL if i in specials else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(text)
-            types.append(gguf.TokenType.NORMAL)
+    tokens, types = token_table(vocab, vocab_size, {t: i in specials
+                                                    for t, i in tok.get_added_vocab().items()})
 
     raw = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     merges = raw.get("model", {}).get("merges") or []

@@ -137,8 +137,6 @@ def _copy_tokenizer(w, meta: dict) -> None:
 
 
 def _hf_tokenizer(w, path: str, cfg: dict) -> None:
-    import gguf
-
     tj = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tj):
         raise UnsupportedError("GGUF output needs the source's tokenizer.json", where=path)
@@ -153,19 +151,7 @@ def _hf_tokenizer(w, path: str, cfg: dict) -> None:
     for text, (i, _) in added.items():
         vocab[text] = i
     size = max(int(cfg["vocab_size"]), max(vocab.values()) + 1)
-    by_id = {i: t for t, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(size):
-        text = by_id.get(i)
-        if text is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif text in added:
-            tokens.append(text)
-            types.append(gguf.TokenType.CONTROL if added[text][1] else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(text)
-            types.append(gguf.TokenType.NORMAL)
+    tokens, types = token_table(vocab, size, {t: special for t, (_, special) in added.items()})
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     if not merges:
         raise UnsupportedError("the BPE tokenizer has no merges, and llama.cpp's (and "
@@ -194,3 +180,21 @@ def _hf_tokenizer(w, path: str, cfg: dict) -> None:
     w.add_add_bos_token(bool(tc.get("add_bos_token", False)) and bos is not None)
     if isinstance(tc.get("chat_template"), str):
         w.add_chat_template(tc["chat_template"])
+
+
+def token_table(vocab: dict[str, int], size: int, added: dict[str, bool]
+                ) -> tuple[list[str], list[int]]:
+    """llama.cpp's token list and types for ids ``0..size-1``: ``added`` maps each added
+    token to whether it is special (CONTROL) or not (USER_DEFINED); ids without a token
+    become UNUSED ``[PADi]`` entries."""
+    import gguf
+
+    by_id = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(size):
+        text = by_id.get(i)
+        tokens.append(f"[PAD{i}]" if text is None else text)
+        types.append(gguf.TokenType.UNUSED if text is None else
+                     gguf.TokenType.NORMAL if text not in added else
+                     gguf.TokenType.CONTROL if added[text] else gguf.TokenType.USER_DEFINED)
+    return tokens, types
