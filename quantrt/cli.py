@@ -6,12 +6,15 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import click
 
 from quantrt.errors import ConfigError, QuantrtError
 from quantrt.loader import DTYPES, KERNEL_POLICIES
+
+if TYPE_CHECKING:
+    from quantrt.parallel.executor import TPExecutor
 
 # torch.Generator.manual_seed takes a 64-bit seed; larger ones overflow deep in the sampler.
 MAX_SEED = 2**63 - 1
@@ -79,6 +82,16 @@ def inspect(source: str, quantization, device, dtype, kernels, as_json: bool) ->
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@contextmanager
+def _shut_down(executor: "TPExecutor | None") -> Iterator[None]:
+    """Stop the tensor-parallel workers (if any) however the block ends."""
+    try:
+        yield
+    finally:
+        if executor is not None:
+            executor.shutdown()
+
+
 @main.command()
 @click.argument("source", required=False, default="demo")
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
@@ -113,20 +126,10 @@ def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: fl
     t0 = time.perf_counter()
     lm, executor = load_model(source, quantization, tensor_parallel_size, device=device,
                               dtype=dtype, kernels=kernels)
-    try:
-        _generate(source, lm, executor, prompt, max_tokens, temperature, top_p, top_k, seed,
-                  chat, system, stats, t0, tensor_parallel_size)
-    finally:
-        if executor is not None:
-            executor.shutdown()
-
-
-def _generate(source, lm, executor, prompt, max_tokens, temperature, top_p, top_k, seed, chat,
-              system, stats, t0, tensor_parallel_size) -> None:
-    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
+    from quantrt.engine.llm_engine import EngineConfig, LLMEngine  # after load: torch is slow
     from quantrt.engine.sequence import SamplingParams
 
-    with _about(source):
+    with _about(source), _shut_down(executor):
         tok = lm.tokenizer
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [

@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from quantrt.engine.block_manager import BlockManager, KVUsage
-from quantrt.engine.model_runner import ModelRunner
+from quantrt.engine.model_runner import ModelRunner, kv_bytes_per_token
 from quantrt.engine.outputs import TokenLogprob
 from quantrt.engine.scheduler import Scheduler
 from quantrt.engine.sequence import FinishReason, SamplingParams, Sequence, make_group
@@ -64,22 +66,34 @@ class StepOutput:
     logprob: TokenLogprob | None = None
 
 
+def kv_memory(lm: LoadedModel, budget: int | None) -> tuple[int, int]:
+    """(KV-cache budget in bytes, KV bytes per token) of this process: ``budget``, or 1 GiB
+    on the CPU, 40% of the free memory on a GPU.  Under tensor parallelism every rank
+    reports its own and the cache is sized so that each rank's part fits."""
+    per_token = kv_bytes_per_token(lm, lm.dtype)
+    if budget is None:
+        if lm.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(lm.device)
+            budget = int(free * 0.4)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+    return budget, per_token
+
+
 class LLMEngine:
     """``executor``: a :class:`~quantrt.parallel.executor.TPExecutor` when ``lm`` is rank 0's
     part of a tensor-parallel model (see :func:`quantrt.parallel.launch.load_parallel`)."""
 
     def __init__(self, lm: LoadedModel, config: EngineConfig = EngineConfig(),
                  executor: Any = None) -> None:
-        from quantrt.parallel.worker import memory_report
-
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.config = config
         self.executor = executor
-        mine = memory_report(lm, config.block_size, config.kv_cache_memory)
+        mine = kv_memory(lm, config.kv_cache_memory)
         reports = [mine]
         if executor is not None:   # every rank's cache must hold the same blocks
-            executor.call("memory", config.block_size, config.kv_cache_memory)
+            executor.call("memory", config.kv_cache_memory)
             reports = executor.gather(mine)
         num_blocks = min(budget // (per_token * config.block_size) for budget, per_token in reports)
         if num_blocks < 1:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from quantrt.parallel.comm import TPGroup
-from quantrt.parallel.plan import attention_cuts, coarsest_unit, lcm, mlp_cuts, split_range
+from quantrt.parallel.plan import attention_cuts, coarsest_unit, mlp_cuts, split_range
 
 
 def _n_unit(layer: nn.Module) -> int:
@@ -45,7 +45,7 @@ def shard_layers(model: nn.Module, tp: TPGroup) -> Iterator[list[nn.Module]]:
 
 
 def vocab_unit(model: nn.Module, tie: bool) -> int:
-    return 1 if tie else lcm(_n_unit(model.lm_head))
+    return 1 if tie else _n_unit(model.lm_head)
 
 
 def shard_vocab(model: nn.Module, tp: TPGroup, tie: bool) -> None:

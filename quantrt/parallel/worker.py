@@ -10,25 +10,6 @@ from typing import Any
 from quantrt.parallel.executor import LoadSpec, device_for, join_group
 
 
-def memory_report(lm: Any, block_size: int, budget: int | None) -> tuple[int, int]:
-    """(KV budget in bytes, KV bytes per token) of this rank: the engine sizes the cache so
-    that every rank's part fits."""
-    import torch
-
-    from quantrt.engine.model_runner import kv_bytes_per_token
-
-    per_token = kv_bytes_per_token(lm, lm.dtype)
-    if budget is None:
-        if lm.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(lm.device)
-            budget = int(free * 0.4)
-        else:
-            from quantrt.engine.llm_engine import DEFAULT_CPU_KV_BYTES
-
-            budget = DEFAULT_CPU_KV_BYTES
-    return budget, per_token
-
-
 def worker_main(spec: LoadSpec, rank: int, size: int, port: int) -> None:
     try:
         group = join_group(spec, rank, size, port)
@@ -46,8 +27,10 @@ def worker_main(spec: LoadSpec, rank: int, size: int, port: int) -> None:
             if name == "memory":
                 import torch.distributed as dist
 
+                from quantrt.engine.llm_engine import kv_memory
+
                 out: list[Any] = [None] * size
-                dist.all_gather_object(out, memory_report(lm, *args), group=group.control)
+                dist.all_gather_object(out, kv_memory(lm, *args), group=group.control)
             elif name == "init_runner":
                 runner = ModelRunner(lm, *args[0], **args[1])
             elif name == "execute":

@@ -202,10 +202,8 @@ class PackedLinearMethod(LinearMethod):
         layer.packed_kernel = kernel_cls(self, layer, device)
         layer._int_shards = None
         layer.format_label = self.describe(layer)
-        if not kernel_cls.keeps_raw:
-            layer.raw_shards = None  # the kernel holds its own repacked copy
-        if not kernel_cls.keeps_raw:
-            layer.tp_ints = None
+        if not kernel_cls.keeps_raw:  # the kernel holds its own repacked copy
+            layer.raw_shards = layer.tp_ints = None
         kept = ([t for raw in layer.raw_shards for t in raw.values()] if layer.raw_shards
                 else [t for w in (getattr(layer, "tp_ints", None) or ())
                       for t in (w.q, w.scales, w.zeros, w.g_idx) if t is not None])
