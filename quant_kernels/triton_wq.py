@@ -6,9 +6,12 @@
 
 Dispatch on M (rows of x after flattening leading dims):
 
+* M == 1, 4-bit: ``triton_wq_gemv1`` (packed-half dot products in PTX);
 * M <= 16: ``triton_wq_gemv`` (weight streamed once, split-K when N alone is too few
   programs for the GPU);
-* 16 < M < DEQUANT_GEMM_MIN_M: ``triton_wq_gemm`` (fused dequant tiled GEMM);
+* 16 < M <= 64: the faster of ``triton_wq_gemv.swap`` (the decode kernel with M tiles of
+  32/64) and ``triton_wq_gemm``, timed once per shape;
+* 64 < M < DEQUANT_GEMM_MIN_M: ``triton_wq_gemm`` (fused dequant tiled GEMM);
 * M >= DEQUANT_GEMM_MIN_M: dequantize the whole weight once to x.dtype with a Triton
   kernel, then cuBLAS (its cost is amortized over M rows, and cuBLAS beats the fused
   kernel's per-M-tile dequant at large M).
@@ -30,12 +33,13 @@ import os
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .wq_layout import (WQWeight, dequantize_wq, pack_wq, perm_from_g_idx,  # noqa: F401
-                        unpack_q, wq_reference)
+from .wq_layout import (WQWeight, dequantize_wq, m_bucket, pack_wq,  # noqa: F401
+                        perm_from_g_idx, unpack_q, wq_reference)
 
 try:
     from . import triton_wq_gemm as _gemm
     from . import triton_wq_gemv as _gemv
+    from . import triton_wq_gemv1 as _gemv1
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - hosts without Triton keep the torch path
     HAS_TRITON = False
@@ -74,11 +78,38 @@ def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.
         x = x.index_select(1, w.perm)
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if m == 1 and _gemv1.can_run(x, w)[0]:
+        return _gemv1.gemv1(x, w, out)
     if m <= DECODE_MAX_M:
         return _gemv.gemv(x, w, out)
+    if m <= _gemv.SWAP_MAX_M and _mid_kernel(x, w, out) == "swap":
+        return _gemv.swap(x, w, out)
     if m < DEQUANT_GEMM_MIN_M:
         return _gemm.gemm(x, w, out)
     return dequant_matmul(x, w, out, permuted=True)
+
+
+# (M bucket, N, K, group, bits, dtype) -> "swap" or "gemm": a tuning cache like Triton's
+# own autotuner caches, filled on the first call of each key outside CUDA-graph capture
+_MID_CHOICE: dict = {}
+
+
+def _mid_kernel(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> str:
+    """For 16 < M <= 64, the faster of the swap kernel and the fused GEMM (both autotuned
+    first, then their picks timed once); the fused GEMM when timing is impossible."""
+    m = x.shape[0]
+    key = (m_bucket(m, _gemv.SWAP_MAX_M), w.n, w.k, w.group_size, w.bits, x.dtype)
+    choice = _MID_CHOICE.get(key)
+    if choice is not None:
+        return choice
+    if INTERPRET or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return "gemm"
+    from triton.testing import do_bench
+
+    times = {name: do_bench(lambda fn=fn: fn(x, w, out), warmup=5, rep=20)
+             for name, fn in (("swap", _gemv.swap), ("gemm", _gemm.gemm))}
+    choice = _MID_CHOICE[key] = min(times, key=times.get)
+    return choice
 
 
 def dequant_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None = None,
