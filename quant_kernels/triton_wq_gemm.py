@@ -23,7 +23,7 @@ from .triton_wq_gemv import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_
                              dequant_tile, dequant_tile_fast, fast_dequant_ok,
                              interpret_tiles, k_tile_ok, launch_tuned, load_tile, m_bucket, mma,
                              num_sms, split_locks, splitk_store, splitk_workspace)
-from .wq_layout import WQWeight
+from .wq_layout import WQWeight, wide_tile_ok
 
 GEMM_M_CAP = 4096  # autotune buckets above this reuse the 4096 choice
 
@@ -41,6 +41,7 @@ def _wq_gemm_kernel(
     # meta
     BITS: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    WIDE: tl.constexpr = False,
 ):
     # GROUP_M consecutive programs walk down a column of M tiles before moving to the
     # next N tile, so a weight tile is reused from L2 by GROUP_M programs.
@@ -72,11 +73,11 @@ def _wq_gemm_kernel(
                     mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
         words, s, b = load_tile(qw_ptr, s_ptr, b_ptr, offs_n, N, k0, KW, GROUP,
                                 stride_qn, stride_qk, stride_sn, stride_sg,
-                                stride_bn, stride_bg, BITS, BLOCK_K)
+                                stride_bn, stride_bg, BITS, BLOCK_K, WIDE)
         if FAST:
-            w = dequant_tile_fast(words, s, b, BITS, x_ptr.dtype.element_ty)
+            w = dequant_tile_fast(words, s, b, BITS, x_ptr.dtype.element_ty, WIDE)
         else:
-            w = dequant_tile(words, s, b, BITS, x_ptr.dtype.element_ty)
+            w = dequant_tile(words, s, b, BITS, x_ptr.dtype.element_ty, WIDE)
         acc = mma(x, tl.trans(w), acc)
 
     mask = m_mask[:, None] & n_mask[None, :]
@@ -130,9 +131,9 @@ def dequantize(w: WQWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=8):
+def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=8, wide=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm,
-                          "SPLIT_K": sk}, num_warps=warps, num_stages=stages)
+                          "SPLIT_K": sk, "WIDE": wide}, num_warps=warps, num_stages=stages)
 
 
 # From scripts/sweep_wq.py on the H100 (BENCHMARKS.md): up to M = 256 the weight is
@@ -144,6 +145,9 @@ GEMM_CONFIGS = [
     # group 32 / 64
     _cfg(64, 64, 32, 2, 4, 4), _cfg(64, 64, 32, 1, 4, 4), _cfg(128, 128, 32, 1, 8, 4),
     _cfg(64, 64, 64, 2, 4, 4), _cfg(64, 64, 64, 1, 4, 4),
+    # the same, 128-wide K tiles with a scale per word (WIDE)
+    _cfg(64, 64, 128, 2, 4, 4, wide=True), _cfg(64, 128, 128, 2, 4, 3, wide=True),
+    _cfg(64, 64, 128, 1, 4, 4, wide=True), _cfg(128, 128, 128, 1, 8, 3, wide=True),
 ]
 SAFE_GEMM_CONFIG = _cfg(64, 64, 32, 1, 4, 3)
 
@@ -158,7 +162,10 @@ def _prune_gemm(configs, named_args, **kwargs):
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
         sk = c.kwargs["SPLIT_K"]
-        if not k_tile_ok(bk, group, n_groups, kp) or (bk == 32 and group % 64 == 0):
+        if c.kwargs.get("WIDE"):
+            if not wide_tile_ok(bk, group, n_groups, kp):
+                continue
+        elif not k_tile_ok(bk, group, n_groups, kp) or (bk == 32 and group % 64 == 0):
             continue
         if bm > max(32, mb) or (mb >= 512 and bm < 64):
             continue

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .wq_layout import (PTX_BF16_U4, PTX_F16_U4, PTX_F16_U8, WQWeight, k_tile_ok, m_bucket,
-                        num_sms, widest_k_tiles)
+                        num_sms, wide_tile_ok, widest_k_tiles)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16
@@ -116,25 +116,53 @@ def unpack_unit(words, BITS: tl.constexpr):
 @device_fn
 def load_tile(qw_ptr, s_ptr, b_ptr, offs_n, n_lim, k0, KW, GROUP,
               stride_qn, stride_qk, stride_sn, stride_sg, stride_bn, stride_bg,
-              BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed words [BLOCK_N, BLOCK_K / P] and the scale/bias rows of the K tile at k0;
-    rows >= n_lim read nothing."""
+              BITS: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr = False):
+    """Packed words [BLOCK_N, BLOCK_K / P] of the K tile at k0 and their scales/biases:
+    one per row ([BLOCK_N]) when the tile sits in one group, or (WIDE, a tile spanning
+    several small groups, e.g. GGUF's 32) one per word ([BLOCK_N, BLOCK_K / P], gathered:
+    the words of a group share an address, so the loads mostly hit L1).  Rows >= n_lim
+    read nothing."""
     BLOCK_KW: tl.constexpr = BLOCK_K * BITS // 32
     n_mask = offs_n < n_lim
     offs_w = k0 // (32 // BITS) + tl.arange(0, BLOCK_KW)
+    wmask = n_mask[:, None] & (offs_w < KW)[None, :]
     words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :] * stride_qk,
-                    mask=n_mask[:, None] & (offs_w < KW)[None, :], other=0)
-    g = k0 // GROUP
-    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
-    b = tl.load(b_ptr + offs_n * stride_bn + g * stride_bg, mask=n_mask, other=0.0)
+                    mask=wmask, other=0)
+    if WIDE:
+        g = (offs_w * (32 // BITS)) // GROUP
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=wmask,
+                    other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + g[None, :] * stride_bg, mask=wmask,
+                    other=0.0)
+    else:
+        g = k0 // GROUP
+        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
+        b = tl.load(b_ptr + offs_n * stride_bn + g * stride_bg, mask=n_mask, other=0.0)
     return words, s, b
 
 
 @device_fn
-def dequant_tile(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr):
+def dequant_tile(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr,
+                 WIDE: tl.constexpr = False):
     """[BLOCK_N, BLOCK_K] weights ``q * s + b`` in DTYPE (fp32 math, one FMA per weight)."""
     S = s.to(tl.float32) * (1 << BITS)
     B = b.to(tl.float32) - S
+    if WIDE:  # per-word scales: scale each value slice, then put K in order
+        if BITS == 4:
+            return _natural_order(
+                (_unit_slice(words, 0, 4) * S + B).to(DTYPE),
+                (_unit_slice(words, 1, 4) * S + B).to(DTYPE),
+                (_unit_slice(words, 2, 4) * S + B).to(DTYPE),
+                (_unit_slice(words, 3, 4) * S + B).to(DTYPE),
+                (_unit_slice(words, 4, 4) * S + B).to(DTYPE),
+                (_unit_slice(words, 5, 4) * S + B).to(DTYPE),
+                (_unit_slice(words, 6, 4) * S + B).to(DTYPE),
+                (_unit_slice(words, 7, 4) * S + B).to(DTYPE), 4)
+        return _natural_order(
+            (_unit_slice(words, 0, 8) * S + B).to(DTYPE),
+            (_unit_slice(words, 1, 8) * S + B).to(DTYPE),
+            (_unit_slice(words, 2, 8) * S + B).to(DTYPE),
+            (_unit_slice(words, 3, 8) * S + B).to(DTYPE), None, None, None, None, 8)
     return (unpack_unit(words, BITS) * S[:, None] + B[:, None]).to(DTYPE)
 
 
@@ -151,10 +179,16 @@ def fast_dequant_ok(act_dtype: torch.dtype, bits: int) -> bool:
 
 
 @device_fn
-def dequant_tile_fast(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr):
-    """Same result as dequant_tile (rounded once to DTYPE), via the PTX above."""
-    s = s.to(DTYPE)[:, None]
-    b = b.to(DTYPE)[:, None]
+def dequant_tile_fast(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr,
+                      WIDE: tl.constexpr = False):
+    """Same result as dequant_tile (rounded once to DTYPE), via the PTX above (pack=2 pairs
+    two words of a row, and with WIDE their two scales)."""
+    if WIDE:
+        s = s.to(DTYPE)
+        b = b.to(DTYPE)
+    else:
+        s = s.to(DTYPE)[:, None]
+        b = b.to(DTYPE)[:, None]
     if BITS == 4:
         if DTYPE == tl.float16:
             q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
@@ -207,7 +241,7 @@ def _wq_gemv_kernel(
     stride_bn, stride_bg, stride_om, stride_on,
     # meta
     BITS: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, WIDE: tl.constexpr = False,
 ):
     # BLOCK_M == 1: the FMA path (M == 1 only); else: tl.dot with M padded to BLOCK_M
     # (grid axis 2 walks M tiles: with BLOCK_M > 16 this is the weight-stationary
@@ -233,18 +267,22 @@ def _wq_gemv_kernel(
         # block mask and a scalar condition into an int mask that tl.load rejects)
         words, s, b = load_tile(qw_ptr, s_ptr, b_ptr, offs_n, tl.where(kt_lo < kt_hi, N, 0),
                                 kt_lo * BLOCK_K, KW, GROUP, stride_qn, stride_qk,
-                                stride_sn, stride_sg, stride_bn, stride_bg, BITS, BLOCK_K)
+                                stride_sn, stride_sg, stride_bn, stride_bg, BITS, BLOCK_K, WIDE)
         for kt in range(kt_lo, kt_hi):
             k0 = kt * BLOCK_K
             nxt_words, nxt_s, nxt_b = load_tile(
                 qw_ptr, s_ptr, b_ptr, offs_n, tl.where(kt + 1 < kt_hi, N, 0), k0 + BLOCK_K,
                 KW, GROUP, stride_qn, stride_qk, stride_sn, stride_sg, stride_bn, stride_bg,
-                BITS, BLOCK_K)
+                BITS, BLOCK_K, WIDE)
             kk = k0 + offs_k
             x = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
-            fx = tl.sum(unpack_unit(words, BITS) * x[None, :], axis=1)
-            sx = tl.sum(x, axis=0)  # one scalar per tile, shared by every row
-            acc += s.to(tl.float32) * (1 << BITS) * (fx - sx) + b.to(tl.float32) * sx
+            if WIDE:
+                acc += tl.sum(dequant_tile(words, s, b, BITS, tl.float32, True) * x[None, :],
+                              axis=1)
+            else:
+                fx = tl.sum(unpack_unit(words, BITS) * x[None, :], axis=1)
+                sx = tl.sum(x, axis=0)  # one scalar per tile, shared by every row
+                acc += s.to(tl.float32) * (1 << BITS) * (fx - sx) + b.to(tl.float32) * sx
             words, s, b = nxt_words, nxt_s, nxt_b
         if SPLIT_K == 1:
             tl.store(out_ptr + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -259,11 +297,11 @@ def _wq_gemv_kernel(
             k0 = kt * BLOCK_K
             words, s, b = load_tile(qw_ptr, s_ptr, b_ptr, offs_n, N, k0, KW, GROUP,
                                     stride_qn, stride_qk, stride_sn, stride_sg,
-                                    stride_bn, stride_bg, BITS, BLOCK_K)
+                                    stride_bn, stride_bg, BITS, BLOCK_K, WIDE)
             if FAST:
-                w = dequant_tile_fast(words, s, b, BITS, x_ptr.dtype.element_ty)
+                w = dequant_tile_fast(words, s, b, BITS, x_ptr.dtype.element_ty, WIDE)
             else:
-                w = dequant_tile(words, s, b, BITS, x_ptr.dtype.element_ty)
+                w = dequant_tile(words, s, b, BITS, x_ptr.dtype.element_ty, WIDE)
             kk = k0 + offs_k
             xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
                          mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
@@ -331,9 +369,9 @@ def launch_tuned(plans: dict, key: tuple, kernel, tuned, grid, args: tuple, cons
     return cfg
 
 
-def _cfg(bm, bn, bk, sk, warps=4, stages=3):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk},
-                         num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, bk, sk, warps=4, stages=3, wide=False):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk,
+                          "WIDE": wide}, num_warps=warps, num_stages=stages)
 
 
 # From scripts/sweep_wq.py on the H100 (BENCHMARKS.md): a weight-streaming kernel needs
@@ -347,6 +385,10 @@ GEMV_CONFIGS = [
     _cfg(1, 32, 128, 4, 2, 1), _cfg(1, 64, 128, 8, 4, 1), _cfg(1, 64, 128, 4, 4, 1),
     _cfg(1, 64, 128, 2, 2, 1), _cfg(1, 64, 256, 2, 4, 1), _cfg(1, 64, 64, 4, 4, 1),
     _cfg(1, 64, 32, 4, 4, 1), _cfg(1, 64, 128, 1, 4, 1), _cfg(1, 64, 64, 1, 4, 1),
+    # groups of 32/64 (GGUF, HQQ): 128-wide tiles with a scale per word (WIDE)
+    _cfg(16, 64, 128, 4, 4, 3, True), _cfg(16, 64, 128, 8, 4, 3, True),
+    _cfg(16, 64, 128, 1, 4, 3, True), _cfg(1, 64, 128, 4, 4, 1, True),
+    _cfg(1, 64, 128, 8, 4, 1, True), _cfg(1, 64, 128, 1, 4, 1, True),
 ]
 SAFE_GEMV_CONFIG = _cfg(16, 32, 32, 1)  # fits every layout; the pruner's last resort
 
@@ -368,7 +410,12 @@ def _prune_gemv(configs, named_args, **kwargs):
     kept = []
     for c in configs:
         bm, bn, bk, sk = (c.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-        if bk not in tiles or (bm == 1 and mb > 1):
+        if c.kwargs.get("WIDE"):
+            if not wide_tile_ok(bk, group, n_groups, n_groups * group):
+                continue
+        elif bk not in tiles:
+            continue
+        if bm == 1 and mb > 1:
             continue
         if sk > 1 and (n > SPLITK_MAX_N or triton.cdiv(n, bn) >= 2 * sms
                        or sk > triton.cdiv(k, bk)):
@@ -448,8 +495,8 @@ SWAP_MAX_M = 64
 SWAP_CONFIGS = [
     _cfg(32, 64, 128, 4, 4, 4), _cfg(32, 128, 128, 4, 8, 3), _cfg(32, 64, 128, 8, 4, 3),
     _cfg(64, 64, 128, 2, 4, 4), _cfg(64, 128, 128, 2, 8, 3), _cfg(64, 128, 128, 4, 8, 3),
-    _cfg(32, 64, 64, 4, 4, 4), _cfg(64, 64, 64, 2, 4, 4), _cfg(32, 64, 32, 4, 4, 4),
-    _cfg(64, 64, 32, 2, 4, 4),
+    _cfg(32, 64, 128, 4, 4, 4, True), _cfg(64, 64, 128, 2, 4, 4, True),
+    _cfg(32, 64, 128, 8, 4, 3, True), _cfg(64, 128, 128, 2, 8, 3, True),
 ]
 SAFE_SWAP_CONFIG = _cfg(32, 32, 32, 1)
 

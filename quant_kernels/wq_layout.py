@@ -213,6 +213,13 @@ def k_tile_ok(block_k: int, group: int, n_groups: int, kp: int) -> bool:
     return (group % block_k == 0 or n_groups == 1) and block_k <= max(32, next_pow2(kp))
 
 
+def wide_tile_ok(block_k: int, group: int, n_groups: int, kp: int) -> bool:
+    """A K tile spanning several whole groups (the kernels' WIDE mode: one scale and bias
+    per packed word) fits: the group divides the tile and the tile is no wider than Kp."""
+    return (n_groups > 1 and group < block_k and block_k % group == 0
+            and block_k <= max(32, next_pow2(kp)))
+
+
 def widest_k_tiles(group: int, n_groups: int, kp: int) -> set:
     """The decode K tiles worth tuning: the widest that fits (and 128 beside 256)."""
     widest = next(bk for bk in (256, 128, 64, 32) if k_tile_ok(bk, group, n_groups, kp))

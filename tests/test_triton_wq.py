@@ -262,7 +262,9 @@ def test_gemv_pruner(m, n, k, g):
     assert kept and len(kept) <= 10  # autotuning time per shape
     for c in kept:
         bm, bk, sk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
-        assert (g % bk == 0 or g == k) and (bm == 16 or m == 1)
+        # a tile inside one group, or (WIDE) whole groups of one tile
+        assert (bk % g == 0 and bk > g) if c.kwargs["WIDE"] else (g % bk == 0 or g == k)
+        assert bm == 16 or m == 1
         assert sk == 1 or n <= gv.SPLITK_MAX_N
     assert any(c.kwargs["BLOCK_M"] == 1 for c in kept) == (m == 1)
 
@@ -274,7 +276,8 @@ def test_gemm_pruner(m, n, k, g):
     kept = gm._prune_gemm(gm.GEMM_CONFIGS, args)
     assert kept and len(kept) <= 8
     for c in kept:
-        assert g % c.kwargs["BLOCK_K"] == 0 or g == k
+        bk = c.kwargs["BLOCK_K"]
+        assert (bk % g == 0 and bk > g) if c.kwargs["WIDE"] else (g % bk == 0 or g == k)
         assert c.kwargs["BLOCK_M"] <= max(32, args["M_BUCKET"])
 
 
@@ -331,13 +334,18 @@ def test_gpu_autotuned(dtype, bits, g, m):
 def test_gpu_every_config(bits):
     # compile and check each config once (the autotuner silently skips a config that
     # fails in ptxas); per-channel K=1024 admits every BLOCK_K
+    # (WIDE configs, whose tiles span groups, get groups of 32)
     w = make_weight(320, 1024, "K", bits, device="cuda")
+    w32 = make_weight(320, 1024, 32, bits, device="cuda")
     for cfg in gv.GEMV_CONFIGS:
         m = 1 if cfg.kwargs["BLOCK_M"] == 1 else 11
-        check(torch.randn(m, 1024, device="cuda").half(), w,
+        check(torch.randn(m, 1024, device="cuda").half(), w32 if cfg.kwargs["WIDE"] else w,
               out=lambda x, w, o: gv.gemv(x, w, o, config=cfg))
+    for cfg in gv.SWAP_CONFIGS:
+        check(torch.randn(40, 1024, device="cuda").half(), w32 if cfg.kwargs["WIDE"] else w,
+              out=lambda x, w, o: gv.run_config(x, w, o, cfg))
     for cfg in gm.GEMM_CONFIGS:
-        check(torch.randn(200, 1024, device="cuda").half(), w,
+        check(torch.randn(200, 1024, device="cuda").half(), w32 if cfg.kwargs["WIDE"] else w,
               out=lambda x, w, o: gm.gemm(x, w, o, config=cfg))
 
 

@@ -150,3 +150,33 @@ def test_gpu_mid_m_choice(m):
     x = torch.randn(m, 4096, dtype=torch.float16, device="cuda")
     assert rel_err(tw.wq_matmul(x, w), tw.wq_reference(x, w)) < TOL[torch.float16]
     assert any(v in ("swap", "gemm") for v in tw._MID_CHOICE.values())
+
+
+# K tiles of 128 spanning several groups of 32/64 (WIDE: a scale per packed word), in the
+# decode kernel's FMA and tl.dot paths, the swap kernel and the fused GEMM
+@pytest.mark.parametrize("m", [1, 5, 17, 40, 70])
+@pytest.mark.parametrize("k,g,bits", [(256, 32, 4), (300, 64, 4), (200, 32, 8), (384, 64, 8)])
+def test_wide_tiles(m, k, g, bits):
+    from quant_kernels import triton_wq_gemm as gm
+
+    w = make_weight(23, k, g, bits, device=DEV, seed=m + k)
+    x = torch.randn(m, k, dtype=torch.float16, device=DEV)
+    out = torch.full((m, 23), float("nan"), dtype=x.dtype, device=DEV)
+    if m <= 16:
+        gv.gemv(x, w, out, config=gv._cfg(1 if m == 1 else 16, 32, 128, 2, wide=True))
+    elif m <= 64:
+        gv.run_config(x, w, out, gv._cfg(64, 32, 128, 2, wide=True))
+    else:
+        gm.gemm(x, w, out, config=gm._cfg(64, 32, 128, 2, wide=True))
+    assert not torch.isnan(out).any()
+    assert rel_err(out, tw.wq_reference(x, w)) < TOL[torch.float16]
+
+
+def test_wide_configs_pruned_by_group():
+    wide = [c for c in gv.GEMV_CONFIGS if c.kwargs["WIDE"]]
+    args = dict(x_ptr=torch.empty(1), N=4096, K=4096, M_BUCKET=16)
+    kept = gv._prune_gemv(gv.GEMV_CONFIGS, args, GROUP=32, BITS=4)
+    assert any(c.kwargs["WIDE"] for c in kept)
+    kept = gv._prune_gemv(gv.GEMV_CONFIGS, args, GROUP=128, BITS=4)
+    assert kept and not any(c.kwargs["WIDE"] for c in kept)
+    assert wide
