@@ -149,7 +149,7 @@ def dequant_tile(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr,
     B = b.to(tl.float32) - S
     if WIDE:  # per-word scales: scale each value slice, then put K in order
         if BITS == 4:
-            return _natural_order(
+            w = _natural_order(
                 (_unit_slice(words, 0, 4) * S + B).to(DTYPE),
                 (_unit_slice(words, 1, 4) * S + B).to(DTYPE),
                 (_unit_slice(words, 2, 4) * S + B).to(DTYPE),
@@ -158,12 +158,15 @@ def dequant_tile(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr,
                 (_unit_slice(words, 5, 4) * S + B).to(DTYPE),
                 (_unit_slice(words, 6, 4) * S + B).to(DTYPE),
                 (_unit_slice(words, 7, 4) * S + B).to(DTYPE), 4)
-        return _natural_order(
-            (_unit_slice(words, 0, 8) * S + B).to(DTYPE),
-            (_unit_slice(words, 1, 8) * S + B).to(DTYPE),
-            (_unit_slice(words, 2, 8) * S + B).to(DTYPE),
-            (_unit_slice(words, 3, 8) * S + B).to(DTYPE), None, None, None, None, 8)
-    return (unpack_unit(words, BITS) * S[:, None] + B[:, None]).to(DTYPE)
+        else:
+            w = _natural_order(
+                (_unit_slice(words, 0, 8) * S + B).to(DTYPE),
+                (_unit_slice(words, 1, 8) * S + B).to(DTYPE),
+                (_unit_slice(words, 2, 8) * S + B).to(DTYPE),
+                (_unit_slice(words, 3, 8) * S + B).to(DTYPE), None, None, None, None, 8)
+    else:
+        w = (unpack_unit(words, BITS) * S[:, None] + B[:, None]).to(DTYPE)
+    return w
 
 
 # the PTX recipes, and why they are exact, are in wq_layout
