@@ -178,25 +178,6 @@ def _wq_gemv1_kernel(
                                       stride_bn, stride_bg, BLOCK_K, NSUB)
             acc = _tile_dot(acc, words, s, b, xw_ptr, kt * TILE_K, n_pairs, DTYPE,
                             BLOCK_N, BLOCK_K, NSUB)
-    elif PREFETCH == 2:
-        # TMA: the copy engine moves each [BLOCK_N, TILE_K / 8] word tile into shared memory
-        # (zero-filled past N and KW), and the loop pipeliner keeps num_stages tiles in
-        # flight without holding them in registers
-        SUBW: tl.constexpr = BLOCK_K // 8
-        desc = tl.make_tensor_descriptor(qw_ptr, shape=[N, KW], strides=[stride_qn, 1],
-                                         block_shape=[BLOCK_N, NSUB * SUBW])
-        sub = tl.arange(0, NSUB)
-        for kt in range(kt_lo, kt_hi):
-            words = tl.reshape(desc.load([pid_n * BLOCK_N, kt * (NSUB * SUBW)]),
-                               [BLOCK_N, NSUB, SUBW])
-            g = (kt * TILE_K + sub * BLOCK_K) // GROUP
-            gmask = n_mask[:, None] & (g < N_GROUPS)[None, :]
-            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg,
-                        mask=gmask, other=0.0)
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + g[None, :] * stride_bg,
-                        mask=gmask, other=0.0)
-            acc = _tile_dot(acc, words, s, b, xw_ptr, kt * TILE_K, n_pairs, DTYPE,
-                            BLOCK_N, BLOCK_K, NSUB)
     else:
         # software prefetch of the next tile; past the split's end the row limit is 0, so
         # the load touches no memory
@@ -281,26 +262,6 @@ def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
     return True, ""
 
 
-def tma_ok(w: WQWeight) -> bool:
-    """TMA reads the packed words: contiguous rows, 16-byte aligned base and row stride."""
-    q = w.qweight
-    return q.stride(1) == 1 and q.data_ptr() % 16 == 0 and (q.stride(0) * 4) % 16 == 0
-
-
-def _ensure_allocator() -> None:
-    # device-side TMA descriptors need a little global scratch memory per launch, asked
-    # for through Triton's allocator hook (a context variable: set per thread, e.g. in the
-    # server's engine thread); a graph capture gets it from the capture's pool like any
-    # torch allocation
-    alloc = triton.runtime._allocation
-    if isinstance(alloc._allocator.get(), alloc.NullAllocator):
-        triton.set_allocator(_torch_alloc)
-
-
-def _torch_alloc(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _grid(n: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
@@ -322,11 +283,7 @@ def gemv1(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
             w.n, w.k, w.qweight.shape[1], w.group_size, w.n_groups,
             w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), w.scales.stride(1),
             w.bias.stride(0), w.bias.stride(1), out.stride(1))
-    if x.is_cuda:
-        _ensure_allocator()
     if config is not None:
-        if config.kwargs["PREFETCH"] == 2 and not tma_ok(w):
-            raise ValueError("TMA config on a weight whose rows are not 16-byte aligned")
         _wq_gemv1_kernel[_grid(w.n)(config.kwargs)](*args, **config.all_kwargs())
         return out
     launch_tuned(w.plans, ("gemv1", x.dtype), _wq_gemv1_kernel, _tuned, _grid(w.n), args, {})

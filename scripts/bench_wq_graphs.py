@@ -2,7 +2,16 @@
 host launch overhead (measured separately) drops out.  GPU only; a companion to
 scripts/bench_kernels.py, whose eager timings include the Python dispatch.
 
-    PYTHONPATH=. python scripts/bench_wq_graphs.py [--out kernels_graph.json]
+Formats are the common integer layouts the loaders repack into (``--formats``):
+
+  int4-g128       AWQ, GPTQ, compressed-tensors W4A16 (and asym)
+  int4-g128-act   GPTQ with act-order (activations permuted per call)
+  int4-g64        HQQ 4-bit (float zeros are the bias)
+  int4-g32        GGUF Q4_0, Q4_1, Q4_K (sub-block scales as groups of 32)
+  int8-g32        GGUF Q8_0, Q5_0/Q5_1/Q5_K (5-bit widened to 8)
+  int8-K          compressed-tensors W8A16, GPTQ 8-bit per channel
+
+    PYTHONPATH=. python scripts/bench_wq_graphs.py [--out kernels_graph.json] [--formats ...]
 """
 from __future__ import annotations
 
@@ -17,6 +26,9 @@ from quant_kernels.triton_wq import pack_wq, wq_matmul, wq_reference
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192)]
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 ROTATE = 8  # weight copies per graph so the 50 MB L2 cannot hold them
+FORMATS = {"int4-g128": (4, 128, False), "int4-g128-act": (4, 128, True),
+           "int4-g64": (4, 64, False), "int4-g32": (4, 32, False), "int8-g32": (8, 32, False),
+           "int8-K": (8, "K", False)}
 
 
 def graph_time_us(fn_list, iters: int = 20) -> float:
@@ -47,35 +59,48 @@ def graph_time_us(fn_list, iters: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="kernels_graph.json")
+    ap.add_argument("--formats", default="int4-g128", help=",".join(FORMATS))
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
-    for k, n in SHAPES:
-        group, gn = 128, -(-k // 128)
-        weights, dense = [], []
-        for _ in range(ROTATE):
-            q = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
-            s = torch.rand(n, gn, device="cuda", dtype=torch.float16) * 0.02 + 0.001
-            b = -8 * s
-            weights.append(pack_wq(q, s, b, group, 4, dtype=torch.float16))
-            dense.append(torch.randn(n, k, device="cuda", dtype=torch.float16))
-        for m in MS:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            ref = wq_reference(x, weights[0]).float()
-            got = wq_matmul(x, weights[0]).float()
-            err = ((got - ref).norm() / ref.norm()).item()
-            outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(ROTATE)]
-            ours = graph_time_us([lambda w=w, o=o: wq_matmul(x, w, out=o)
-                                  for w, o in zip(weights, outs)])
-            fp16 = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
-            wbytes = n * k / 2 + 4 * n * gn
-            rows.append({"K": k, "N": n, "M": m, "ours_us": ours, "fp16_us": fp16,
-                         "speedup": fp16 / ours, "weight_GBps": wbytes / ours / 1e3, "rel_err": err})
-            print(f"| {k} | {n} | {m} | {ours:.1f} | {fp16:.1f} | {fp16 / ours:.2f}x | "
-                  f"{wbytes / ours / 1e3:.0f} | {err:.1e} |", flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "rows": rows}, f, indent=1)
+    for fmt in args.formats.split(","):
+        for k, n in SHAPES:
+            run_shape(fmt, k, n, [int(v) for v in args.ms.split(",")], rows)
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "rows": rows}, f, indent=1)
+
+
+def run_shape(fmt: str, k: int, n: int, ms: list[int], rows: list) -> None:
+    bits, group, act = FORMATS[fmt]
+    gs = k if group == "K" else group
+    gn = -(-k // gs)
+    weights, dense = [], []
+    for _ in range(ROTATE):
+        q = torch.randint(0, 1 << bits, (n, k), dtype=torch.int32, device="cuda")
+        s = torch.rand(n, gn, device="cuda", dtype=torch.float16) * 0.02 + 0.001
+        perm = torch.randperm(k, device="cuda") if act else None
+        weights.append(pack_wq(q, s, -(1 << (bits - 1)) * s, gs, bits, perm=perm,
+                               dtype=torch.float16))
+        dense.append(torch.randn(n, k, device="cuda", dtype=torch.float16))
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        ref = wq_reference(x, weights[0]).float()
+        got = wq_matmul(x, weights[0]).float()
+        err = ((got - ref).norm() / ref.norm()).item()
+        outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(ROTATE)]
+        ours = graph_time_us([lambda w=w, o=o: wq_matmul(x, w, out=o)
+                              for w, o in zip(weights, outs)])
+        fp16 = graph_time_us([lambda w=w: F.linear(x, w) for w in dense])
+        wbytes = weights[0].nbytes
+        rows.append({"format": fmt, "K": k, "N": n, "M": m, "ours_us": ours,
+                     "fp16_us": fp16, "speedup": fp16 / ours,
+                     "weight_GBps": wbytes / ours / 1e3, "rel_err": err})
+        print(f"| {fmt} | {k} | {n} | {m} | {ours:.1f} | {fp16:.1f} | {fp16 / ours:.2f}x | "
+              f"{wbytes / ours / 1e3:.0f} | {err:.1e} |", flush=True)
+    del weights, dense
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
