@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from quant_kernels import cpu_layers
+from quant_kernels import cpu_layers, fused_ops
 from quantrt.config import ModelConfig, RopeConfig
 from quantrt.models.attention import AttentionMetadata, paged_attention, write_kv
 from quantrt.models.layers import (
@@ -68,6 +68,13 @@ class Attention(nn.Module):
             o = cpu_layers.attention_block(qkv, rope, kv, meta, hq, hk, cfg.attn_scale,
                                            self.window, cfg.attn_softcap)
             return self.o_proj(o)
+        if not cfg.qk_norm and kv[0].dtype == qkv.dtype and fused_ops.usable(qkv):
+            # GPU: rotary of q and k, and the cache write of k and v, in one launch
+            q = fused_ops.rope_write_kv(qkv, *rope, kv[0], kv[1], meta.slot_mapping, hq, hk,
+                                        cfg.head_dim)
+            o = paged_attention(q, kv[0], kv[1], meta, cfg.attn_scale, self.window,
+                                cfg.attn_softcap)
+            return self.o_proj(o.reshape(-1, hq * cfg.head_dim))
         qkv = qkv.view(-1, hq + 2 * hk, cfg.head_dim)
         v = qkv[:, hq + hk:]
         if cfg.qk_norm:
@@ -122,8 +129,13 @@ class DecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         attn = self.self_attn(ropes, self.input_layernorm(h), kv, meta)
         if not self.sandwich:
+            norm = self.post_attention_layernorm
+            if not norm.fp32 and h.dim() == 2 and fused_ops.usable(h):
+                # GPU: residual add and the MLP's norm in one pass
+                h, x = fused_ops.add_rms_norm(h, attn, norm.weight, norm.eps)
+                return h + self.mlp(x)
             h = h + attn
-            return h + self.mlp(self.post_attention_layernorm(h))
+            return h + self.mlp(norm(h))
         h = h + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 

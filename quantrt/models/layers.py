@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant_kernels import cpu_layers
+from quant_kernels import cpu_layers, fused_ops
 from quantrt.config import RopeConfig
 from quantrt.errors import FormatError
 from quantrt.quant.base import QuantConfig, ShardTracker
@@ -318,6 +318,8 @@ class RotaryEmbedding(nn.Module):
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2 and cpu_layers.fits(x):
         return cpu_layers.silu_mul(x)
+    if x.dim() == 2 and x.stride(1) == 1 and fused_ops.usable(x):
+        return fused_ops.silu_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
