@@ -19,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_wq_gemv import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
-                             dequant_tile, dequant_tile_fast, fast_dequant_ok,
-                             interpret_tiles, k_tile_ok, launch_tuned, load_tile, m_bucket, mma,
-                             num_sms, split_locks, splitk_store, splitk_workspace)
-from .wq_layout import WQWeight, wide_tile_ok
+from .triton_wq_gemv import interpret_tiles
+from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
+                             dequant_tile, dequant_tile_fast, fast_dequant_ok, launch_tuned,
+                             load_tile, mma, split_locks, splitk_store, splitk_workspace)
+from .wq_layout import WQWeight, k_tile_ok, m_bucket, num_sms, wide_tile_ok
 
 GEMM_M_CAP = 4096  # autotune buckets above this reuse the 4096 choice
 

@@ -1,234 +1,32 @@
-"""Decode kernel (M <= 16) for ``WQWeight`` and the device helpers shared with the GEMM.
+"""Decode kernel (M <= 16) for ``WQWeight``, and the same kernel as the weight-stationary
+"swap" GEMM for 16 < M <= 64.  Tile loading, dequantization and split-K live in
+``triton_wq_tile``.
 
-Each program owns ``BLOCK_N`` weight rows and a contiguous range of K tiles (its split);
-per K tile it loads a ``[BLOCK_N, BLOCK_K / P]`` block of packed words (rows are
-K-contiguous: 16-byte vector loads, whole sectors) plus one scale and one bias per row
-(``BLOCK_K`` divides the group, so a tile never straddles two groups, and group-major
-scales make those one coalesced load).
-
-Dequantizing a tile: value ``p`` of every word is extracted as a slice ``[BLOCK_N,
-BLOCK_K / P]`` and the P slices are interleaved back into natural K order (join/reshape:
-register renaming), so activations are read with plain contiguous loads.  Two ways:
-
-* ``dequant_tile_fast`` (GPU, fp16; bf16 4-bit): PTX from ``wq_layout`` turns pairs of
-  words into f16x2/bf16x2 ``q * s + b`` with ~2 instructions per weight.
-* ``dequant_tile`` (everywhere): ``1 + q / 2**bits`` as an exact fp32 from one constant
-  shift and one and/or with 1.0's exponent bits (no int->float instruction), then one
-  FMA ``f * s 2**b + (b - s 2**b)`` and a cast.
-
-Decode paths (BLOCK_M, chosen by the autotuner for M == 1):
+Each program owns ``BLOCK_N`` weight rows and a contiguous range of K tiles (its split).
+Paths (BLOCK_M, chosen by the autotuner):
 
 * BLOCK_M == 16: ``tl.dot(W_tile, x_tile^T)`` with M padded to 16 ("swap AB": weight rows
   fill the MMA's M side, which wgmma wants >= 64; the <= 16 activation rows its N side).
-* BLOCK_M == 1 (M == 1): no tensor cores; with ``f = 1 + q / 2**b`` per tile
+* BLOCK_M == 1 (M == 1, 8-bit or when ``triton_wq_gemv1`` cannot run): no tensor cores;
+  with ``f = 1 + q / 2**b`` per tile
   ``sum_k x_k (q_k s + c) = s 2**b (sum_k f_k x_k - sum_k x_k) + c sum_k x_k``, so a
   weight costs shift, and/or, FMA.  The next tile's words are prefetched by hand.
-* Split-K: split ``s`` writes fp32 partials to ``ws[s, M, N]``; a second small kernel sums
-  them and casts (deterministic, and no zero-fill pass as an atomic version would need).
+* BLOCK_M 32/64 (``swap``): grid axis 2 walks M tiles.
 """
 from __future__ import annotations
-
-import inspect
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .wq_layout import (PTX_BF16_U4, PTX_F16_U4, PTX_F16_U8, WQWeight, k_tile_ok, m_bucket,
-                        num_sms, wide_tile_ok, widest_k_tiles)
+from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N,  # noqa: F401
+                             autotune_kwargs, dequant_tile, dequant_tile_fast, device_fn,
+                             fast_dequant_ok, launch_tuned, load_tile, mma, split_locks,
+                             splitk_store, splitk_workspace, unpack_unit)
+from .wq_layout import (WQWeight, k_tile_ok, m_bucket, num_sms,  # noqa: F401
+                        wide_tile_ok, widest_k_tiles)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16
-# split-K partials cost SPLIT_K * M * N * 4 bytes; past this N the grid is large anyway
-SPLITK_MAX_N = 32768
-
-
-# ----------------------------------------------------------------------------- unpacking
-# The interpreter re-patches triton.language on every call of a @triton.jit device
-# function (~0.5 ms each, ~10 per K tile here); as plain Python functions the helpers run
-# the same tl ops without that, which keeps the interpreted tests fast.
-device_fn = (lambda fn: fn) if INTERPRET else triton.jit
-
-
-if INTERPRET:
-    def mma(a, b, acc):
-        # Triton 3.9's interpreter computes bf16 tl.dot wrongly; bf16 products are
-        # exact in fp32, so an fp32 dot gives what the GPU's bf16 MMA gives.
-        if a.dtype == tl.bfloat16:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        return tl.dot(a, b, acc, input_precision="ieee")
-else:
-    @triton.jit
-    def mma(a, b, acc):
-        return tl.dot(a, b, acc)
-
-
-@device_fn
-def _unit_slice(words, P: tl.constexpr, BITS: tl.constexpr):
-    # Move value P's bits to the top of the fp32 mantissa and OR in 1.0's exponent:
-    # exactly 1 + q / 2**BITS, with a constant shift and no int->float conversion
-    # (the arithmetic right shift's sign bits never survive the mask).
-    SH: tl.constexpr = 23 - BITS - P * BITS
-    if SH >= 0:
-        v = words << SH
-    else:
-        v = words >> (-SH)
-    v = (v & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000
-    return v.to(tl.float32, bitcast=True)
-
-
-@device_fn
-def _interleave(a, b):
-    # tl.interleave for 2-D tensors, built from the join/reshape builtins directly
-    # (tl.interleave is itself a @jit function: slow under the interpreter)
-    c = tl.join(a, b)
-    return tl.reshape(c, [c.shape[0], 2 * c.shape[1]])
-
-
-@device_fn
-def _natural_order(s0, s1, s2, s3, s4, s5, s6, s7, BITS: tl.constexpr):
-    """Slices [R, C] (s_p = value p of every word) -> [R, C * P] in natural K order."""
-    # interleave(a, b) puts a at even and b at odd positions; log2(P) levels put leaf i
-    # at position bitreverse(i), so the leaves go in bit-reversed order.
-    if BITS == 4:
-        lo = _interleave(_interleave(s0, s4), _interleave(s2, s6))
-        hi = _interleave(_interleave(s1, s5), _interleave(s3, s7))
-        return _interleave(lo, hi)
-    else:
-        return _interleave(_interleave(s0, s2), _interleave(s1, s3))
-
-
-@device_fn
-def unpack_unit(words, BITS: tl.constexpr):
-    """[R, C] int32 words -> [R, C * 32 // BITS] fp32 ``1 + q / 2**BITS``, natural K order."""
-    if BITS == 4:
-        return _natural_order(
-            _unit_slice(words, 0, 4), _unit_slice(words, 1, 4), _unit_slice(words, 2, 4),
-            _unit_slice(words, 3, 4), _unit_slice(words, 4, 4), _unit_slice(words, 5, 4),
-            _unit_slice(words, 6, 4), _unit_slice(words, 7, 4), 4)
-    else:
-        return _natural_order(
-            _unit_slice(words, 0, 8), _unit_slice(words, 1, 8), _unit_slice(words, 2, 8),
-            _unit_slice(words, 3, 8), None, None, None, None, 8)
-
-
-@device_fn
-def load_tile(qw_ptr, s_ptr, b_ptr, offs_n, n_lim, k0, KW, GROUP,
-              stride_qn, stride_qk, stride_sn, stride_sg, stride_bn, stride_bg,
-              BITS: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr = False):
-    """Packed words [BLOCK_N, BLOCK_K / P] of the K tile at k0 and their scales/biases:
-    one per row ([BLOCK_N]) when the tile sits in one group, or (WIDE, a tile spanning
-    several small groups, e.g. GGUF's 32) one per word ([BLOCK_N, BLOCK_K / P], gathered:
-    the words of a group share an address, so the loads mostly hit L1).  Rows >= n_lim
-    read nothing."""
-    BLOCK_KW: tl.constexpr = BLOCK_K * BITS // 32
-    n_mask = offs_n < n_lim
-    offs_w = k0 // (32 // BITS) + tl.arange(0, BLOCK_KW)
-    wmask = n_mask[:, None] & (offs_w < KW)[None, :]
-    words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :] * stride_qk,
-                    mask=wmask, other=0)
-    if WIDE:
-        g = (offs_w * (32 // BITS)) // GROUP
-        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=wmask,
-                    other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + g[None, :] * stride_bg, mask=wmask,
-                    other=0.0)
-    else:
-        g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0.0)
-        b = tl.load(b_ptr + offs_n * stride_bn + g * stride_bg, mask=n_mask, other=0.0)
-    return words, s, b
-
-
-@device_fn
-def dequant_tile(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr,
-                 WIDE: tl.constexpr = False):
-    """[BLOCK_N, BLOCK_K] weights ``q * s + b`` in DTYPE (fp32 math, one FMA per weight)."""
-    S = s.to(tl.float32) * (1 << BITS)
-    B = b.to(tl.float32) - S
-    if WIDE:  # per-word scales: scale each value slice, then put K in order
-        if BITS == 4:
-            w = _natural_order(
-                (_unit_slice(words, 0, 4) * S + B).to(DTYPE),
-                (_unit_slice(words, 1, 4) * S + B).to(DTYPE),
-                (_unit_slice(words, 2, 4) * S + B).to(DTYPE),
-                (_unit_slice(words, 3, 4) * S + B).to(DTYPE),
-                (_unit_slice(words, 4, 4) * S + B).to(DTYPE),
-                (_unit_slice(words, 5, 4) * S + B).to(DTYPE),
-                (_unit_slice(words, 6, 4) * S + B).to(DTYPE),
-                (_unit_slice(words, 7, 4) * S + B).to(DTYPE), 4)
-        else:
-            w = _natural_order(
-                (_unit_slice(words, 0, 8) * S + B).to(DTYPE),
-                (_unit_slice(words, 1, 8) * S + B).to(DTYPE),
-                (_unit_slice(words, 2, 8) * S + B).to(DTYPE),
-                (_unit_slice(words, 3, 8) * S + B).to(DTYPE), None, None, None, None, 8)
-    else:
-        w = (unpack_unit(words, BITS) * S[:, None] + B[:, None]).to(DTYPE)
-    return w
-
-
-# the PTX recipes, and why they are exact, are in wq_layout
-ASM_F16_U4 = tl.constexpr(PTX_F16_U4)
-ASM_BF16_U4 = tl.constexpr(PTX_BF16_U4)
-ASM_F16_U8 = tl.constexpr(PTX_F16_U8)
-
-
-def fast_dequant_ok(act_dtype: torch.dtype, bits: int) -> bool:
-    """Whether the PTX dequant applies (GPU, not disabled, fp16 or 4-bit bf16)."""
-    return (not INTERPRET and os.environ.get("QUANTRT_WQ_FAST_DEQUANT", "1") != "0"
-            and (act_dtype == torch.float16 or bits == 4))
-
-
-@device_fn
-def dequant_tile_fast(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr,
-                      WIDE: tl.constexpr = False):
-    """Same result as dequant_tile (rounded once to DTYPE), via the PTX above (pack=2 pairs
-    two words of a row, and with WIDE their two scales)."""
-    if WIDE:
-        s = s.to(DTYPE)
-        b = b.to(DTYPE)
-    else:
-        s = s.to(DTYPE)[:, None]
-        b = b.to(DTYPE)[:, None]
-    if BITS == 4:
-        if DTYPE == tl.float16:
-            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                ASM_F16_U4, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                       tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
-        else:
-            q0, q1, q2, q3, q4, q5, q6, q7 = tl.inline_asm_elementwise(
-                ASM_BF16_U4, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, s, b],
-                dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                       tl.bfloat16, tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
-        return _natural_order(q0, q1, q2, q3, q4, q5, q6, q7, 4)
-    else:
-        q0, q1, q2, q3 = tl.inline_asm_elementwise(
-            ASM_F16_U8, "=r,=r,=r,=r,r,r,r,r", [words, s, b],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
-        return _natural_order(q0, q1, q2, q3, None, None, None, None, 8)
-
-
-@device_fn
-def splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, ws_offs, mask, MN, tile,
-                 SPLIT_K: tl.constexpr):
-    """Split-K epilogue in the same launch: write this split's fp32 partial, count the
-    tile's arrivals, and the last split to arrive sums all partials in split order
-    (deterministic), writes the output and re-arms the counter (no second kernel, no
-    zero-fill)."""
-    tl.store(ws_ptr + tl.program_id(1) * MN + ws_offs, acc, mask=mask)
-    tl.debug_barrier()  # every thread's partial is issued before the release below
-    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if count == SPLIT_K - 1:
-        total = tl.zeros_like(acc)
-        for sk in tl.static_range(SPLIT_K):
-            # .cg: read the other programs' partials from L2, never a stale L1 line
-            total += tl.load(ws_ptr + sk * MN + ws_offs, mask=mask, other=0.0,
-                             cache_modifier=".cg")
-        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -319,59 +117,6 @@ def _wq_gemv_kernel(
 
 
 # ----------------------------------------------------------------------------- tuning
-MAX_SPLIT_TILES = 1 << 16  # split-K tile counters per device (grid N tiles x M tiles)
-_locks: dict = {}
-
-
-def split_locks(device) -> torch.Tensor:
-    """Zeroed int32 counters, one per output tile of a split-K launch, shared by every
-    launch on ``device``: each launch leaves them at zero again.  Launches on one stream
-    run one after another, which is how the runtime uses them (two split-K launches on
-    concurrent streams would need their own counters)."""
-    key = torch.device(device)
-    t = _locks.get(key)
-    if t is None:
-        t = _locks[key] = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=key)
-    return t
-
-
-def splitk_workspace(device, m: int, n: int, configs, config=None) -> torch.Tensor:
-    """fp32 partials for the largest split the launch may pick (1 element if none)."""
-    if config is not None:
-        split = config.kwargs["SPLIT_K"]
-    else:
-        split = max(c.kwargs["SPLIT_K"] for c in configs) if n <= SPLITK_MAX_N else 1
-    return torch.empty(split * m * n if split > 1 else 1, device=device, dtype=torch.float32)
-
-
-def autotune_kwargs() -> dict:
-    """Options every WQ autotuner shares: short benchmarks (the key space is large) and
-    results kept in Triton's on-disk cache where this Triton supports it."""
-    opts = {}
-    params = inspect.signature(triton.autotune).parameters
-    if "cache_results" in params:
-        opts["cache_results"] = True
-    if "do_bench" in params:
-        def bench(fn, quantiles):
-            return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-        opts["do_bench"] = bench
-    return opts
-
-
-def launch_tuned(plans: dict, key: tuple, kernel, tuned, grid, args: tuple, consts: dict
-                 ) -> triton.Config:
-    """Launch through the autotuner the first time ``key`` is seen, then ``kernel`` directly
-    with the config it picked (the autotuner's key building and dispatch cost tens of
-    microseconds per call, as much as a decode GEMV itself)."""
-    cfg = plans.get(key)
-    if cfg is None:
-        tuned[grid](*args, **consts)
-        cfg = plans[key] = tuned.best_config
-    else:
-        kernel[grid(cfg.kwargs)](*args, **consts, **cfg.all_kwargs())
-    return cfg
-
-
 def _cfg(bm, bn, bk, sk, warps=4, stages=3, wide=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk,
                           "WIDE": wide}, num_warps=warps, num_stages=stages)

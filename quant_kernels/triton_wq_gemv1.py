@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_wq_gemv import (INTERPRET, autotune_kwargs, device_fn, launch_tuned,
+from .triton_wq_tile import (INTERPRET, autotune_kwargs, device_fn, launch_tuned,
                              splitk_store, splitk_workspace, split_locks)
 from .wq_layout import WQWeight, k_tile_ok, next_pow2, num_sms
 
