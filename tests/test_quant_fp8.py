@@ -293,8 +293,8 @@ def _w8a8_ok() -> bool:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gpu_kernels_match_the_library(name, dtype):
     """W8A8 (per-token fp8 activations) where the GPU has FP8 tensor cores and the scales are
-    per tensor, else the W8A16 expansion; 16-bit activations against the library's fp16
-    weight-only forward."""
+    per tensor, else the fused W8A16 Triton kernel; 16-bit activations against the
+    library's fp16 weight-only forward."""
     lm = _load(FIXTURES / name, kernels="auto", device="cuda", dtype=dtype)
     kernel = lm.model.layers[0].mlp.down_proj.kernel_choice.name
     w8a8 = name == "fp8_per_tensor" and _w8a8_ok()

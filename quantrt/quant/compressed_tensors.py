@@ -1,7 +1,8 @@
 """compressed-tensors checkpoints (llm-compressor): ``config_groups`` (targets, weights,
 input_activations), ``ignore`` and a format per group or checkpoint.  ``pack-quantized``
 (1-8-bit ints in int32) and ``int-``/``naive-quantized`` (int8) run on the integer kernels;
-``float-quantized`` FP8 (tensor/channel/group/block scales) is dequantized per call.
+``float-quantized`` FP8 (tensor/channel/group/block scales) without input activations runs
+on the fused FP8 Triton kernel on CUDA, and is dequantized per call elsewhere.
 
 With ``input_activations`` (FP8 or int8 W8A8) the library's forward quantizes activations
 too, and so do we, bit-exactly as its fake quantization (dynamic per token / tensor / group,
@@ -30,7 +31,7 @@ from formats.packing import packed_length
 from quantrt.errors import ConfigError, FormatError, UnsupportedError
 from quantrt.quant.base import (EmbeddingMethod, LinearMethod, QuantConfig, check_bool, check_int,
                                 is_quantized)
-from quantrt.quant.fp8_kernels import Fp8ScaledMMKernel
+from quantrt.quant.fp8_kernels import Fp8ScaledMMKernel, Fp8TritonKernel
 from quantrt.quant.int_kernels import INT_KERNELS
 from quantrt.quant.packed import IntWeight, PackedLinearMethod, ReferenceKernel, TensorSpec
 from quantrt.quant.unquantized import UnquantizedEmbeddingMethod, UnquantizedLinearMethod
@@ -222,6 +223,29 @@ class CTFp8ScaledMM(Fp8ScaledMMKernel):
         self.ub = None
 
 
+class CTFp8Triton(Fp8TritonKernel):
+    """FP8 weight-only (float-quantized weights, no input activations) on the fused Triton
+    kernel; group scales [N, K/g] are its block scales of 1 x g."""
+
+    @staticmethod
+    def scale_block(method) -> tuple[int, int] | None:
+        w = method.scheme.weights
+        return {"block": w.block_structure, "group": (1, w.group_size)}.get(w.strategy)
+
+    @staticmethod
+    def shard_scale(method, raw: dict) -> torch.Tensor:
+        return raw["weight_scale"].float()
+
+    @classmethod
+    def can_implement(cls, method, layer, device, policy):
+        w = method.scheme.weights
+        if w.type != "float" or method.scheme.acts is not None:
+            return False, "takes FP8 weights with 16-bit activations (no input_activations)"
+        if any("weight_g_idx" in raw for raw in layer.raw_shards):
+            return False, "act-order groups (weight_g_idx)"
+        return super().can_implement(method, layer, device, policy)
+
+
 class CTLinearMethod(PackedLinearMethod):
     def __init__(self, scheme: Scheme, policy: str) -> None:
         super().__init__(policy)
@@ -231,7 +255,8 @@ class CTLinearMethod(PackedLinearMethod):
     def kernels(self):
         if self.scheme.acts is not None:
             return (CTFp8ScaledMM, ActQuantKernel)
-        return INT_KERNELS if self.scheme.weights.type == "int" else (ReferenceKernel,)
+        return INT_KERNELS if self.scheme.weights.type == "int" else (CTFp8Triton,
+                                                                      ReferenceKernel)
 
     def specs(self, rows: int, cols: int) -> dict[str, TensorSpec]:
         s, w = self.scheme, self.scheme.weights

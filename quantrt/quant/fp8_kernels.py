@@ -5,6 +5,11 @@
   ``activation_scale_ub``) or with the checkpoint's static ``input_scale``, then
   ``torch._scaled_mm`` multiplies with one scale per weight row (per-tensor shard scales
   and per-channel scales alike).  Block-scaled weights take the next kernel.
+* :class:`Fp8TritonKernel` (W8A16, CUDA sm_80+): fp16/bf16 activations times the FP8
+  weights in one fused Triton kernel (``quant_kernels.triton_fp8``: the weights are
+  converted per tile in registers, scales applied to the fp32 tile results); per-tensor,
+  per-channel and block scales.  It takes what the W8A8 kernel refuses: block scales,
+  GPUs without FP8 tensor cores, shapes that are not multiples of 16.
 * :class:`Fp8DequantKernel` (W8A16, any device): the weights stay FP8; each call expands
   them to the activation dtype (fp32 product, one cast: small scales would lose bits in
   fp16) and runs one GEMM.
@@ -91,6 +96,67 @@ class Fp8ScaledMMKernel(PackedKernel):
         return [t for t in (self.w_t, self.w_scale, self.in_scale) if t is not None]
 
 
+class Fp8TritonKernel(PackedKernel):
+    name = "fp8 weight-only (fused Triton dequant-matmul)"
+
+    @staticmethod
+    def scale_block(method) -> tuple[int, int] | None:
+        """(bn, bk) of the method's block scales, or None for one scale per row."""
+        return method.p.block if method.p.scheme == "block" else None
+
+    @staticmethod
+    def shard_scale(method, raw: dict) -> torch.Tensor:
+        """One shard's stored scale as float32 ([1], [N, 1] or the block grid)."""
+        return method.weight_scale(raw)
+
+    @classmethod
+    def can_implement(cls, method, layer, device, policy):
+        why = fast_kernel_refusal(policy, device, "cuda")
+        if why:
+            return False, why
+        from quant_kernels.triton_fp8 import HAS_TRITON
+
+        if not HAS_TRITON:
+            return False, "Triton is not installed"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return False, "needs compute capability 8.0 or newer (fp16/bf16 tensor cores)"
+        if layer.params_dtype not in (torch.float16, torch.bfloat16):
+            return False, f"needs float16/bfloat16 activations, not {layer.params_dtype}"
+        block = cls.scale_block(method)
+        if block is not None and block[1] % 16:
+            return False, (f"block {block[0]}x{block[1]}: the kernel's K tiles (16 wide and "
+                           "up) must divide the block width")
+        return True, ""
+
+    def __init__(self, method, layer, device) -> None:
+        from quant_kernels.triton_fp8 import pack_fp8
+
+        raws = list(zip(layer.raw_shards, layer.output_sizes))
+        q = torch.cat([raw["weight"] for raw, _ in raws])
+        scales = [self.shard_scale(method, raw) for raw, _ in raws]
+        block = self.scale_block(method)
+        if block is None:  # every row's scale (per-tensor shard scales repeated)
+            s = torch.cat([t.reshape(-1).expand(rows) if t.numel() == 1 else t.reshape(-1)
+                           for t, (_, rows) in zip(scales, raws)])
+        elif all(rows % block[0] == 0 for _, rows in raws[:-1]):
+            s = torch.cat(scales)  # the shards' block grids tile the fused weight
+        else:
+            # a shard ends inside a block row (tensor-parallel or fused cuts): one scale
+            # row per weight row, still one scale per bk columns
+            s = torch.cat([t.repeat_interleave(block[0], 0)[:rows]
+                           for t, (_, rows) in zip(scales, raws)])
+            block = (1, block[1])
+        self.w = pack_fp8(q.to(device), s.to(device), block)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from quant_kernels.triton_fp8 import fp8_matmul
+
+        return fp8_matmul(x, self.w)
+
+    def tensors(self):
+        return [self.w.q, self.w.scales]
+
+
 class Fp8DequantKernel(PackedKernel):
     name = "fp8 weight-only (expand + F.linear)"
 
@@ -128,5 +194,7 @@ class Fp8DequantKernel(PackedKernel):
         return [t for part in self.parts for t in part]
 
 
-FP8_KERNELS: tuple[type[PackedKernel], ...] = (Fp8ScaledMMKernel, Fp8DequantKernel,
-                                               ReferenceKernel)
+# W8A8 first: checkpoints quantized for dynamic activation scales run as their producers
+# intended where FP8 tensor cores exist; the fused W8A16 kernel takes the rest on CUDA.
+FP8_KERNELS: tuple[type[PackedKernel], ...] = (Fp8ScaledMMKernel, Fp8TritonKernel,
+                                               Fp8DequantKernel, ReferenceKernel)
