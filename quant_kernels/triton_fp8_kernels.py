@@ -22,11 +22,17 @@ GEMM_M_CAP = 4096  # autotune buckets above this reuse the 4096 choice
 BITS_SCALE = 256.0  # the bits conversion yields q * 2**-8
 
 
+_CVT: dict = {}
+
+
 def cvt_ok(device: torch.device) -> bool:
     """Whether the hardware e4m3 -> f16 conversion exists (sm_89+; the interpreter too)."""
     if device.type != "cuda":
         return True
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    ok = _CVT.get(device)  # cached: a decode GEMV is worth a few microseconds of host time
+    if ok is None:
+        ok = _CVT[device] = torch.cuda.get_device_capability(device) >= (8, 9)
+    return ok
 
 
 @device_fn
