@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_wq_gemv import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
+from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
                              device_fn, launch_tuned, mma, split_locks, splitk_store,
                              splitk_workspace)
 from .wq_layout import m_bucket, next_pow2, num_sms
