@@ -36,9 +36,8 @@ from .gguf_ref_base import f16, split_bits
 
 SUB = 16     # values per scale
 SUPER = 256  # values per d (one GGUF super-block)
-# (bytes per 256-value block, zero point, has the 2 high bits in qhi, has mins)
-TYPES = {Q.Q6_K: (210, 32, True, False), Q.Q3_K: (110, 4, False, False),
-         Q.Q2_K: (84, 0, False, True)}
+# (bytes per 256-value block, zero point, has the 2 high bits in qhi); Q2_K has mins
+TYPES = {Q.Q6_K: (210, 32, True), Q.Q3_K: (110, 4, False), Q.Q2_K: (84, 0, False)}
 SUPPORTED = tuple(TYPES)
 
 
@@ -74,7 +73,7 @@ class G16Weight:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def to(self, device) -> "G16Weight":
+    def to(self, device) -> G16Weight:
         # .to() keeps the group-major strides: the scale tensors are dense .t() views
         def mv(t):
             return None if t is None else t.to(device)
@@ -129,7 +128,7 @@ def to_g16(raw: torch.Tensor, ggml_type: int, k: int) -> G16Weight:
     if qtype not in TYPES:
         raise ValueError(f"GGML {qtype.name} has no 16-value sub-block layout "
                          f"(supported: {', '.join(t.name for t in SUPPORTED)})")
-    size, zero, has_hi, has_min = TYPES[qtype]
+    size, zero, has_hi = TYPES[qtype]
     n = raw.shape[0]
     if raw.dtype != torch.uint8 or raw.dim() != 2 or k % SUPER or raw.shape[1] * SUPER != k * size:
         raise ValueError(f"{qtype.name} weight must be uint8 [N, K / 256 * {size}] with K a "

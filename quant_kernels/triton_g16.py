@@ -142,7 +142,7 @@ def _check_tiles(tiles: int, split: int) -> None:
 
 
 def gemv(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
-         config: "triton.Config | None" = None) -> torch.Tensor:
+         config: triton.Config | None = None) -> torch.Tensor:
     """``out[M, N] = x[M, K] @ W.T`` for M <= 16 (shapes checked by the caller).
     ``config`` pins a config (tests); otherwise autotuned, or fixed when interpreting."""
     m, k = x.shape
@@ -174,7 +174,7 @@ def gemv(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
 
 
 def gemm(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
-         config: "triton.Config | None" = None) -> torch.Tensor:
+         config: triton.Config | None = None) -> torch.Tensor:
     """``out[M, N] = x[M, K] @ W.T`` with the fused tiled GEMM (any M)."""
     m, k = x.shape
     if config is None and INTERPRET:

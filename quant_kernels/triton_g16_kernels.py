@@ -9,12 +9,14 @@ K tile stays as wide as the weight stream wants (up to 512).
 
 Unpacking is the exact-float trick of triton_wq_gemv: value bits go under 1.0's exponent,
 ``f = 1 + q / 2**QB`` (QB = 6 with the high pair, else 4), and ``w = s (q - zero)`` is one
-FMA ``f * (2**QB s) - (2**QB + zero) s``.  For Q6_K/Q3_K that FMA rounds the exact
-product once, as ``dequantize_row_q6_K`` (ggml-quants.c) does in fp32.
+``tl.fma(f, 2**QB s, -(2**QB + zero) s)``: it rounds the exact product once, as
+``dequantize_row_q6_K`` / ``_q3_K`` (ggml-quants.c) do in fp32, so the dequantized tile is
+gguf-py's weight rounded once to the activation dtype.  Q2_K's ``s q - dmin m`` is
+``tl.fma(f - 1, 2**QB s, -dmin m)``, again one rounding as ``dequantize_row_q2_K``.
 
 * decode (``_g16_gemv_kernel``, M <= 16): program = ``BLOCK_N`` rows x one K split.
   BLOCK_M == 1 (M == 1): no tensor cores, ``sum_k x_k w_k`` per word is
-  ``S * sum_p f_p x_p - (2**QB + zero) s * sum_p x_p``, one FMA per weight, next tile's
+  ``S * sum_p f_p x_p + B * sum_p x_p``, one FMA per weight, next tile's
   words prefetched by hand.  BLOCK_M == 16: the eight slices are dequantized to the
   activation dtype, interleaved back into natural K order and fed to ``tl.dot`` with M
   padded to 16 (weight rows on the MMA's M side).
@@ -26,17 +28,10 @@ Split-K partials use triton_wq_gemv's one-launch epilogue (``splitk_store``).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .g16_layout import G16Weight
-from .triton_wq_gemv import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
-                             device_fn, launch_tuned, mma, split_locks, splitk_store)
-from .wq_layout import m_bucket, num_sms
-
-DECODE_MAX_M = 16
-GEMM_M_CAP = 4096
+from .triton_wq_gemv import device_fn, mma, splitk_store
 
 
 # ----------------------------------------------------------------------------- device
@@ -80,8 +75,8 @@ def _load_tile(qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, n_lim,
                stride_dn, stride_dg, HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr,
                ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
     """Words (lo, hi) ``[BLOCK_N, BLOCK_K / 8]`` of the K tile at k0 and per word the fp32
-    ``S = 2**QB s`` and ``B = -(2**QB + zero) s [- dmin m]``; rows >= n_lim read nothing
-    and get S = B = 0 (so do words past K)."""
+    ``S = 2**QB s`` and ``B``: ``-(2**QB + zero) s``, or ``-dmin m`` with mins (see
+    _weights); rows >= n_lim read nothing and get S = B = 0 (so do words past K)."""
     BLOCK_W: tl.constexpr = BLOCK_K // 8
     offs_w = k0 // 8 + tl.arange(0, BLOCK_W)
     mask = (offs_n < n_lim)[:, None] & (offs_w < K // 8)[None, :]
@@ -96,31 +91,43 @@ def _load_tile(qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, n_lim,
     sup = (offs_w // 32)[None, :]  # 256-value super-block
     sc = tl.load(sc_ptr + n2 * stride_sn + sub * stride_sg, mask=mask, other=0)
     d = tl.load(d_ptr + n2 * stride_dn + sup * stride_dg, mask=mask, other=0.0)
-    s = d.to(tl.float32) * sc.to(tl.float32)
+    s = d.to(tl.float32) * sc.to(tl.float32)  # exact: 11 x 8 significant bits
+    # B is exact too: (2**QB + zero) s has at most 11 + 8 + 2 significant bits
     if HAS_HI:
         S = s * 64.0
-        B = s * (-64.0 - ZERO)
+        B = S * (-1.0 - ZERO / 64.0)
     else:
         S = s * 16.0
-        B = s * (-16.0 - ZERO)
-    if HAS_MIN:  # mn / dmin share sc / d's strides
+        B = S * (-1.0 - ZERO / 16.0)
+    if HAS_MIN:  # ZERO == 0; mn / dmin share sc / d's strides
         mn = tl.load(mn_ptr + n2 * stride_sn + sub * stride_sg, mask=mask, other=0)
         dmin = tl.load(dmin_ptr + n2 * stride_dn + sup * stride_dg, mask=mask, other=0.0)
-        B = B - dmin.to(tl.float32) * mn.to(tl.float32)
+        B = -(dmin.to(tl.float32) * mn.to(tl.float32))
     return lo, hi, S, B
 
 
 @device_fn
-def _dequant(lo, hi, S, B, HAS_HI: tl.constexpr, DTYPE: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] weights in DTYPE, natural K order (one fp32 FMA, one rounding)."""
-    return _natural_order((_unit(lo, hi, 0, HAS_HI) * S + B).to(DTYPE),
-                          (_unit(lo, hi, 1, HAS_HI) * S + B).to(DTYPE),
-                          (_unit(lo, hi, 2, HAS_HI) * S + B).to(DTYPE),
-                          (_unit(lo, hi, 3, HAS_HI) * S + B).to(DTYPE),
-                          (_unit(lo, hi, 4, HAS_HI) * S + B).to(DTYPE),
-                          (_unit(lo, hi, 5, HAS_HI) * S + B).to(DTYPE),
-                          (_unit(lo, hi, 6, HAS_HI) * S + B).to(DTYPE),
-                          (_unit(lo, hi, 7, HAS_HI) * S + B).to(DTYPE))
+def _weights(lo, hi, S, B, P: tl.constexpr, HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr,
+             DTYPE: tl.constexpr):
+    """Slice P as DTYPE: ``s (q - zero) [- m]`` rounded once to fp32, as ggml does."""
+    f = _unit(lo, hi, P, HAS_HI)
+    if HAS_MIN:
+        f = f - 1.0  # exact (Sterbenz); fma(q / 16, 16 s, -m) is then dl * q - ml
+    # an explicit fma: a separate multiply and add would round twice
+    return tl.fma(f, S, B).to(DTYPE)
+
+
+@device_fn
+def _dequant(lo, hi, S, B, HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, DTYPE: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] weights in DTYPE, natural K order."""
+    return _natural_order(_weights(lo, hi, S, B, 0, HAS_HI, HAS_MIN, DTYPE),
+                          _weights(lo, hi, S, B, 1, HAS_HI, HAS_MIN, DTYPE),
+                          _weights(lo, hi, S, B, 2, HAS_HI, HAS_MIN, DTYPE),
+                          _weights(lo, hi, S, B, 3, HAS_HI, HAS_MIN, DTYPE),
+                          _weights(lo, hi, S, B, 4, HAS_HI, HAS_MIN, DTYPE),
+                          _weights(lo, hi, S, B, 5, HAS_HI, HAS_MIN, DTYPE),
+                          _weights(lo, hi, S, B, 6, HAS_HI, HAS_MIN, DTYPE),
+                          _weights(lo, hi, S, B, 7, HAS_HI, HAS_MIN, DTYPE))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -169,6 +176,8 @@ def _g16_gemv_kernel(
                 xp = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
                 fx += _unit(lo, hi, p, HAS_HI) * xp[None, :]
                 sx += xp
+            if HAS_MIN:
+                fx = fx - sx[None, :]  # sum_p (f_p - 1) x_p, as _weights
             acc += tl.sum(S * fx + B * sx[None, :], axis=1)
             lo, hi, S, B = nlo, nhi, nS, nB
         out_ptrs = out_ptr + offs_n * stride_on
@@ -187,7 +196,7 @@ def _g16_gemv_kernel(
                 qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, N, k0, K,
                 stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
                 stride_dn, stride_dg, HAS_HI, HAS_MIN, ZERO, BLOCK_K)
-            w = _dequant(lo, hi, S, B, HAS_HI, x_ptr.dtype.element_ty)
+            w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
             kk = k0 + offs_k
             xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
                          mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
@@ -243,7 +252,7 @@ def _g16_gemm_kernel(
             qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, N, k0, K,
             stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
             stride_dn, stride_dg, HAS_HI, HAS_MIN, ZERO, BLOCK_K)
-        w = _dequant(lo, hi, S, B, HAS_HI, x_ptr.dtype.element_ty)
+        w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
         acc = mma(x, tl.trans(w), acc)
 
     mask = m_mask[:, None] & n_mask[None, :]
@@ -270,7 +279,7 @@ def _g16_dequant_kernel(
         qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, N, k0, K,
         stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
         stride_dn, stride_dg, HAS_HI, HAS_MIN, ZERO, BLOCK_K)
-    w = _dequant(lo, hi, S, B, HAS_HI, w_ptr.dtype.element_ty)
+    w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, w_ptr.dtype.element_ty)
     # int64 rows: a dense [N, K] weight may pass 2**31 elements
     tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + kk[None, :] * stride_wk, w,
              mask=(offs_n < N)[:, None] & (kk < K)[None, :])
