@@ -298,3 +298,17 @@ def test_gpu_cuda_graph_compile_and_layer_kernel():
     assert torch.equal(y, kern(x)) and not torch.equal(y, ref)
     compiled = torch.compile(lambda x: tg.g16_matmul(x, kern.w) + 1, fullgraph=True)
     assert rel_err(compiled(x), tg.g16_matmul(x, kern.w) + 1) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_torch_fallback_of_large_tensor():
+    # the torch dequantize + F.linear path (other GGML types on CUDA) dequantizes past
+    # 2**19 values in chunks, whose buffer must be on the device too
+    from quantrt.quant.ggml_kernels import DequantKernel, GGMLTensor, TritonG16Kernel
+
+    n, k = 4096, 256
+    t = GGMLTensor(torch.from_numpy(random_blocks(Q.Q6_K, n, k, 4)), int(Q.Q6_K), (n, k))
+    x = torch.randn(3, k, device="cuda").half()
+    y = DequantKernel(t.to(torch.device("cuda")), torch.float16, torch.device("cuda"))(x)
+    want = TritonG16Kernel(t, torch.float16, torch.device("cuda"))(x)
+    assert y.is_cuda and rel_err(y, want) < TOL[torch.float16]
