@@ -47,8 +47,8 @@ ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- configs
-def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=None):
-    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}
+def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=None, sliced=False):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SLICED": sliced}
     if gm is not None:
         kw["GROUP_M"] = gm
     return triton.Config(kw, num_warps=warps, num_stages=stages)

@@ -141,6 +141,7 @@ def _g16_gemv_kernel(
     stride_dn, stride_dg, stride_om, stride_on,
     HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    SLICED: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -189,6 +190,7 @@ def _g16_gemv_kernel(
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         offs_k = tl.arange(0, BLOCK_K)
+        offs_w = tl.arange(0, BLOCK_K // 8)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for kt in range(kt_lo, kt_hi):
             k0 = kt * BLOCK_K
@@ -196,11 +198,19 @@ def _g16_gemv_kernel(
                 qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, N, k0, K,
                 stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
                 stride_dn, stride_dg, HAS_HI, HAS_MIN, ZERO, BLOCK_K)
-            w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
-            kk = k0 + offs_k
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
-                         mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
-            acc = mma(w, xt, acc)
+            if SLICED:  # one k = BLOCK_K / 8 MMA step per slice, x read to match
+                for p in tl.static_range(8):
+                    kk = k0 + offs_w * 8 + p
+                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                                 mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
+                    acc = mma(_weights(lo, hi, S, B, p, HAS_HI, HAS_MIN,
+                                       x_ptr.dtype.element_ty), xt, acc)
+            else:
+                w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
+                kk = k0 + offs_k
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                             mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
+                acc = mma(w, xt, acc)
         mask = n_mask[:, None] & m_mask[None, :]
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         if SPLIT_K == 1:
@@ -218,7 +228,7 @@ def _g16_gemm_kernel(
     stride_dn, stride_dg, stride_om, stride_on,
     HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SLICED: tl.constexpr = False,
 ):
     # GROUP_M programs in a row walk down one column of M tiles, so each dequantized
     # weight tile's words come from L2 for all but the first of them
@@ -243,17 +253,26 @@ def _g16_gemm_kernel(
     kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    offs_w = tl.arange(0, BLOCK_K // 8)
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
-        kk = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
         lo, hi, S, B = _load_tile(
             qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, N, k0, K,
             stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
             stride_dn, stride_dg, HAS_HI, HAS_MIN, ZERO, BLOCK_K)
-        w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
-        acc = mma(x, tl.trans(w), acc)
+        if SLICED:  # as in the decode kernel: no interleave, x read in slice order
+            for p in tl.static_range(8):
+                kk = k0 + offs_w * 8 + p
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                            mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+                w = _weights(lo, hi, S, B, p, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
+                acc = mma(x, tl.trans(w), acc)
+        else:
+            kk = k0 + offs_k
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                        mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
+            w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
+            acc = mma(x, tl.trans(w), acc)
 
     mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on

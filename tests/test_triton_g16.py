@@ -147,19 +147,21 @@ def test_bf16_activations(m, n, qtype):
 
 # explicit configs: a ragged N edge over several N tiles, uneven and empty K splits, a
 # 512-wide K tile past K, both decode paths, several M tiles with the swizzle
-@pytest.mark.parametrize("bm,bk,split", [(1, 128, 1), (1, 128, 4), (1, 512, 1), (16, 128, 4),
-                                         (16, 64, 5)])
-def test_gemv_configs(bm, bk, split):
+@pytest.mark.parametrize("bm,bk,split,sliced", [
+    (1, 128, 1, False), (1, 128, 4, False), (1, 512, 1, False), (16, 128, 4, False),
+    (16, 64, 5, False), (16, 128, 3, True)])
+def test_gemv_configs(bm, bk, split, sliced):
     m = 1 if bm == 1 else 5
     w = to_g16(torch.from_numpy(random_blocks(Q.Q6_K, 23, 768, seed=bk)), Q.Q6_K, 768)
-    cfg = tg._cfg(bm, 16, bk, split)
+    cfg = tg._cfg(bm, 16, bk, split, sliced=sliced)
     check(torch.randn(m, 768).half(), w, run=lambda x, w, o: tg.gemv(x, w, o, config=cfg))
 
 
-@pytest.mark.parametrize("bm,split", [(16, 1), (16, 2), (32, 3)])
-def test_gemm_configs(bm, split):
+@pytest.mark.parametrize("bm,split,sliced", [(16, 1, False), (16, 2, False), (32, 3, False),
+                                             (16, 2, True)])
+def test_gemm_configs(bm, split, sliced):
     w = to_g16(torch.from_numpy(random_blocks(Q.Q6_K, 40, 768, seed=bm)), Q.Q6_K, 768)
-    cfg = tg._cfg(bm, 16, 128, split, gm=2)
+    cfg = tg._cfg(bm, 16, 128, split, gm=2, sliced=sliced)
     check(torch.randn(50, 768).half(), w, run=lambda x, w, o: tg.gemm(x, w, o, config=cfg))
 
 
