@@ -14,9 +14,10 @@ load from the GGUF blocks (the value order and bit fields follow ``dequantize_ro
 * ``qhi`` int16 ``[N, K / 8]`` or None: bits ``2p, 2p+1`` of word ``w`` are the high two
   bits of value ``8w + p`` (Q6_K's 6-bit values).  Same word index as ``qlo``, so one
   unpack step gives a slice of whole values.
-* ``sc`` (and ``mn``) int8 ``[N, K / 16]``, ``d`` (and ``dmin``) fp16 ``[N, K / 256]``:
-  the GGUF scales as stored (Q3_K's 6-bit scales minus 32), group-major in memory so a
-  K tile's scales are coalesced loads along N.
+* ``sc`` (and ``mn``) int8 ``[N, K / 16]``, row-major like the words (a K tile's scales
+  are one contiguous run per row); ``d`` (and ``dmin``) fp16 ``[N, K / 256]``, group-major
+  (a tile lies in one super-block, so it reads one ``d`` per row: one coalesced load).
+  These are the GGUF scales as stored (Q3_K's 6-bit scales minus 32).
 
 Q6_K takes 128 + 64 + 16 + 2 = 210 bytes per 256 values, as in the GGUF file.  Q3_K keeps
 its 3-bit values in nibbles (146 bytes against 110), Q2_K its 2-bit values (164 against
@@ -47,9 +48,9 @@ class G16Weight:
 
     qlo: torch.Tensor              # int32 [N, K / 8]
     qhi: torch.Tensor | None       # int16 [N, K / 8] (Q6_K)
-    sc: torch.Tensor               # int8 [N, K / 16], group-major
+    sc: torch.Tensor               # int8 [N, K / 16]
     d: torch.Tensor                # fp16 [N, K / 256], group-major
-    mn: torch.Tensor | None        # int8 [N, K / 16], group-major (Q2_K)
+    mn: torch.Tensor | None        # int8 [N, K / 16] (Q2_K)
     dmin: torch.Tensor | None      # fp16 [N, K / 256], group-major (Q2_K)
     k: int
     zero: int
@@ -74,7 +75,7 @@ class G16Weight:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def to(self, device) -> G16Weight:
-        # .to() keeps the group-major strides: the scale tensors are dense .t() views
+        # .to() keeps the group-major strides of d / dmin: dense .t() views
         def mv(t):
             return None if t is None else t.to(device)
         return G16Weight(mv(self.qlo), mv(self.qhi), mv(self.sc), mv(self.d), mv(self.mn),
@@ -140,11 +141,12 @@ def to_g16(raw: torch.Tensor, ggml_type: int, k: int) -> G16Weight:
     qlo = _pack(q & 0x0F, 4, torch.int32)
     qhi = _pack(q >> 4, 2, torch.int16) if has_hi else None
 
-    def scales(t, per):
-        return None if t is None else _group_major(t.reshape(n, k // per).contiguous())
-    d16 = None if dmin is None else dmin.to(torch.float16)  # exact: read from fp16
-    w = G16Weight(qlo, qhi, scales(sc, SUB), scales(d.to(torch.float16), SUPER),
-                  scales(mn, SUB), scales(d16, SUPER), k, zero)
+    def per_sub(t):
+        return None if t is None else t.reshape(n, k // SUB).contiguous()
+
+    def per_super(t):  # fp16 read from fp16: exact
+        return None if t is None else _group_major(t.to(torch.float16).reshape(n, k // SUPER))
+    w = G16Weight(qlo, qhi, per_sub(sc), per_super(d), per_sub(mn), per_super(dmin), k, zero)
     return w.to(device)
 
 
@@ -173,3 +175,37 @@ def g16_reference(x: torch.Tensor, w: G16Weight) -> torch.Tensor:
     if x.shape[-1] != w.k:
         raise ValueError(f"x has K={x.shape[-1]}, weight has K={w.k}")
     return (x.float() @ dequantize_g16(w).to(x.device).t()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- PTX
+def ptx_f16(has_hi: bool, zero: int) -> str:
+    """fp16 dequant recipe for tl.inline_asm_elementwise (pack=2): inputs two lo words
+    ($8, $9), two hi words ($10, $11; unused without the high pair), then ``s`` and
+    ``b`` as f16x2 ($12, $13); output ``$p`` = value p of both words, ``(q - zero) s + b``
+    as f16x2.
+
+    The magic-number conversion (as wq_layout's recipes): one lop3 puts nibble p of each
+    16-bit half under the exponent of 1024.0, a second ORs the high pair in above it
+    (bits 4-5), so the half reads ``1024 + q`` exactly; a packed subtract of
+    ``1024 + zero`` leaves ``q - zero`` exactly and one packed FMA rounds
+    ``(q - zero) s + b`` once: ~3 instructions per weight.
+    """
+    zmag = 0x6400 + zero  # fp16 1024 + zero, exact for zero < 1024
+    body = ["{", ".reg .b32 lo, hi, hh, t, u, q, zm;",
+            f"mov.b32 zm, {hex(zmag << 16 | zmag)};",
+            # low halves (values 0-3) / high halves (4-7) of the two words, one per half
+            "prmt.b32 lo, $8, $9, 0x5410; prmt.b32 hi, $8, $9, 0x7632;"]
+    if has_hi:
+        body.append("prmt.b32 hh, $10, $11, 0x5410;")
+    for p in range(8):
+        src, j = ("lo" if p < 4 else "hi"), p % 4
+        line = (f"shr.b32 t, {src}, {4 * j}; lop3.b32 t, t, " if j else
+                f"lop3.b32 t, {src}, ") + "0x000F000F, 0x64006400, 0xEA; "
+        if has_hi:  # pair p sits at bits 2p of each half: move it to bits 4-5
+            sh = 4 - 2 * p
+            line += (f"shl.b32 u, hh, {sh}; lop3.b32 t, u, " if sh > 0 else
+                     f"shr.b32 u, hh, {-sh}; lop3.b32 t, u, " if sh < 0 else
+                     "lop3.b32 t, hh, ") + "0x00300030, t, 0xEA; "
+        line += f"sub.f16x2 q, t, zm; fma.rn.f16x2 ${p}, q, $12, $13;"
+        body.append(line)
+    return "\n".join(body + ["}"])

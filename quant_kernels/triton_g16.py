@@ -41,8 +41,9 @@ except ImportError:  # pragma: no cover - hosts without Triton keep the torch pa
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16
 GEMM_M_CAP = 4096
-# from scripts/bench_q6k.py on the H100 (see _tuning notes below)
-DEQUANT_GEMM_MIN_M = 512
+# scripts/bench_q6k.py --sweep on the H100: the fused GEMM still won at M = 64 (8192x8192:
+# 70.7 us against 131.2 for dequant + cuBLAS) and lost at M = 256 on every shape
+DEQUANT_GEMM_MIN_M = 128
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -54,24 +55,31 @@ def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=None, sliced=False):
     return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
+def fast_ok(dtype: torch.dtype) -> bool:
+    """Whether the fp16 PTX dequant applies (GPU, fp16 activations, not disabled)."""
+    return (not INTERPRET and dtype == torch.float16
+            and os.environ.get("QUANTRT_G16_FAST_DEQUANT", "1") != "0")
+
+
 if HAS_TRITON:
-    # a weight-streaming kernel wants ~4 programs per SM: split K unless N fills the GPU
+    # From scripts/bench_q6k.py --sweep on the H100 (CUDA graphs, 8 weight copies): a
+    # weight-streaming kernel wants ~4 programs per SM, so K is split unless N fills the
+    # GPU; M == 1 mostly prefers the FMA path, 4096x14336 the sliced tl.dot one.
     GEMV_CONFIGS = [
-        _cfg(16, 64, 128, 4, 4, 3), _cfg(16, 64, 128, 8, 4, 3), _cfg(16, 64, 256, 4, 4, 3),
-        _cfg(16, 128, 128, 4, 8, 3), _cfg(16, 64, 128, 1, 4, 3), _cfg(16, 64, 256, 1, 4, 3),
-        _cfg(1, 32, 256, 4, 2, 1), _cfg(1, 64, 256, 4, 4, 1), _cfg(1, 64, 128, 8, 4, 1),
-        _cfg(1, 64, 512, 2, 4, 1), _cfg(1, 128, 256, 2, 8, 1), _cfg(1, 64, 256, 1, 4, 1),
-        _cfg(1, 128, 256, 1, 8, 1),
+        _cfg(1, 32, 256, 4, 2, 1), _cfg(1, 32, 256, 8, 2, 1), _cfg(1, 32, 256, 2, 2, 1),
+        _cfg(1, 64, 256, 4, 4, 1), _cfg(1, 64, 256, 1, 4, 1),
+        _cfg(16, 64, 256, 4, 4, 3, sliced=True), _cfg(16, 64, 128, 8, 4, 3, sliced=True),
+        _cfg(16, 64, 256, 1, 4, 3, sliced=True), _cfg(16, 128, 128, 4, 8, 3, sliced=True),
+        _cfg(16, 64, 128, 4, 4, 3), _cfg(16, 64, 128, 8, 4, 3),
     ]
     SAFE_GEMV_CONFIG = _cfg(16, 32, 128, 1)
     GEMM_CONFIGS = [
-        _cfg(64, 64, 128, 2, 4, 4, 8), _cfg(64, 64, 128, 4, 4, 4, 8),
-        _cfg(64, 128, 128, 2, 4, 3, 8), _cfg(64, 64, 128, 1, 4, 4, 8),
-        _cfg(32, 64, 128, 4, 4, 4, 8), _cfg(128, 128, 64, 1, 8, 3, 8),
-        _cfg(128, 64, 128, 1, 4, 3, 8), _cfg(128, 128, 128, 1, 8, 3, 8),
-        _cfg(64, 128, 64, 1, 4, 4, 8),
+        _cfg(64, 64, 256, 1, 4, 3, 8), _cfg(64, 64, 256, 2, 4, 3, 8),
+        _cfg(64, 64, 128, 2, 4, 4, 8), _cfg(32, 64, 256, 4, 4, 3, 8),
+        _cfg(64, 64, 256, 1, 4, 3, 8, True), _cfg(128, 64, 128, 1, 4, 3, 8),
+        _cfg(128, 128, 128, 1, 8, 3, 8),
     ]
-    SAFE_GEMM_CONFIG = _cfg(64, 64, 64, 1, 4, 3, 8)
+    SAFE_GEMM_CONFIG = _cfg(64, 64, 128, 1, 4, 3, 8)  # BLOCK_K = 64 broke Triton 3.6
 
 
 def _prune_gemv(configs, named_args, **kwargs):
@@ -81,7 +89,7 @@ def _prune_gemv(configs, named_args, **kwargs):
     kept = []
     for c in configs:
         bm, bn, bk, sk = (c.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-        if (bm == 1 and mb > 1) or bk > k:
+        if (bm == 1 and mb > 1) or bk > min(k, 256):
             continue
         if sk > 1 and (n > SPLITK_MAX_N or triton.cdiv(n, bn) >= 2 * sms
                        or sk > triton.cdiv(k, bk)):
@@ -97,7 +105,7 @@ def _prune_gemm(configs, named_args, **kwargs):
     kept = []
     for c in configs:
         bm, bn, bk, sk = (c.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K"))
-        if bk > k or bm > max(32, mb) or (mb >= 512 and bm < 64):
+        if bk > min(k, 256) or bm > max(32, mb) or (mb >= 512 and bm < 64):
             continue
         tiles = triton.cdiv(mb, bm) * triton.cdiv(n, bn)
         if sk > 1 and (n > SPLITK_MAX_N or mb > 256 or tiles >= sms or sk > triton.cdiv(k, bk)):
@@ -106,7 +114,7 @@ def _prune_gemm(configs, named_args, **kwargs):
     return kept or [SAFE_GEMM_CONFIG]
 
 
-_KEY = ["M_BUCKET", "N", "K", "HAS_HI", "HAS_MIN", "ZERO"]
+_KEY = ["M_BUCKET", "N", "K", "HAS_HI", "HAS_MIN", "ZERO", "FAST"]
 if HAS_TRITON:
     _gemv_tuned = triton.autotune(configs=GEMV_CONFIGS, key=_KEY,
                                   prune_configs_by={"early_config_prune": _prune_gemv},
@@ -117,7 +125,7 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- launch
-def _weight_args(w: G16Weight) -> tuple[tuple, tuple, dict]:
+def _weight_args(w: G16Weight, act_dtype: torch.dtype) -> tuple[tuple, tuple, dict]:
     """(pointers, strides, constexprs) of a weight; absent tensors pass a stand-in that
     the kernel never reads, and mn / dmin must share sc / d's strides."""
     if w.mn is not None and (w.mn.stride() != w.sc.stride() or w.dmin.stride() != w.d.stride()):
@@ -127,7 +135,8 @@ def _weight_args(w: G16Weight) -> tuple[tuple, tuple, dict]:
             w.dmin if w.dmin is not None else w.d)
     strides = (*w.qlo.stride(), *(qhi.stride() if w.qhi is not None else (0, 0)),
                *w.sc.stride(), *w.d.stride())
-    consts = {"HAS_HI": w.qhi is not None, "HAS_MIN": w.mn is not None, "ZERO": w.zero}
+    consts = {"HAS_HI": w.qhi is not None, "HAS_MIN": w.mn is not None, "ZERO": w.zero,
+              "FAST": fast_ok(act_dtype)}
     return ptrs, strides, consts
 
 
@@ -153,7 +162,7 @@ def gemv(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
                       256, 2 if k >= 512 else 1)
     if config is not None and config.kwargs["BLOCK_M"] < m:
         raise ValueError(f"config BLOCK_M={config.kwargs['BLOCK_M']} < M={m}")
-    ptrs, strides, consts = _weight_args(w)
+    ptrs, strides, consts = _weight_args(w, x.dtype)
     split = config.kwargs["SPLIT_K"] if config is not None else \
         max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS) if w.n <= SPLITK_MAX_N else 1
     ws = _splitk_ws(x.device, m, w.n, split)
@@ -181,7 +190,7 @@ def gemm(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
         config = _cfg(min(64, max(16, triton.next_power_of_2(m))),
                       min(64, max(16, triton.next_power_of_2(w.n))), 256,
                       2 if k >= 512 else 1, gm=2)
-    ptrs, strides, consts = _weight_args(w)
+    ptrs, strides, consts = _weight_args(w, x.dtype)
     split = config.kwargs["SPLIT_K"] if config is not None else \
         max(c.kwargs["SPLIT_K"] for c in GEMM_CONFIGS) if w.n <= SPLITK_MAX_N else 1
     ws = _splitk_ws(x.device, m, w.n, split)
@@ -203,8 +212,8 @@ def gemm(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
 def dequantize(w: G16Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [N, K] in ``dtype`` (fp16/bf16), by the Triton dequant kernel."""
     out = torch.empty(w.n, w.k, device=w.device, dtype=dtype)
-    ptrs, strides, consts = _weight_args(w)
-    block_n, block_k = (32, 256) if INTERPRET else (32, 128)
+    ptrs, strides, consts = _weight_args(w, dtype)
+    block_n, block_k = 32, 256 if INTERPRET else 128
     grid = (triton.cdiv(w.n, block_n), triton.cdiv(w.k, block_k))
     _k._g16_dequant_kernel[grid](*ptrs, out, w.n, w.k, *strides, out.stride(0), out.stride(1),
                                  **consts, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)

@@ -1,25 +1,28 @@
 """Triton kernels for ``G16Weight`` (g16_layout: 4 + 2-bit words, int8 scale per 16 values).
 
-A K tile of ``BLOCK_K`` values is ``BLOCK_W = BLOCK_K / 8`` words per row.  Value ``p``
-of every word (``p = 0..7``) is unpacked as one ``[BLOCK_N, BLOCK_W]`` slice; all eight
-share the word's scale, so the scales are loaded straight in the word shape (two words
-share an int8 ``sc``, 32 share a ``d``: repeated addresses, one transaction) and folded
-into ``S = d * sc`` per word.  Scales thus change every 16 values inside a tile while the
-K tile stays as wide as the weight stream wants (up to 512).
+A K tile of ``BLOCK_K <= 256`` values (so one super-block ``d`` per row) is ``BLOCK_W =
+BLOCK_K / 8`` words per row.  Value ``p`` of every word (``p = 0..7``) is unpacked as one
+``[BLOCK_N, BLOCK_W]`` slice; all eight share the word's scale, so the ``[BLOCK_N,
+BLOCK_K / 16]`` scales ``s = d * sc`` are widened to the word shape once per tile (each
+sub-block's scale serves two words: an interleave with itself, register renaming).
+Scales thus change every 16 values inside a tile while the K tile stays wide.
 
-Unpacking is the exact-float trick of triton_wq_gemv: value bits go under 1.0's exponent,
-``f = 1 + q / 2**QB`` (QB = 6 with the high pair, else 4), and ``w = s (q - zero)`` is one
-``tl.fma(f, 2**QB s, -(2**QB + zero) s)``: it rounds the exact product once, as
-``dequantize_row_q6_K`` / ``_q3_K`` (ggml-quants.c) do in fp32, so the dequantized tile is
-gguf-py's weight rounded once to the activation dtype.  Q2_K's ``s q - dmin m`` is
-``tl.fma(f - 1, 2**QB s, -dmin m)``, again one rounding as ``dequantize_row_q2_K``.
+Unpacking (portable path) is the exact-float trick of triton_wq_gemv: value bits go under
+1.0's exponent, ``f = 1 + q / 2**QB`` (QB = 6 with the high pair, else 4), ``f - (1 +
+zero / 2**QB)`` is ``(q - zero) / 2**QB`` exactly (Sterbenz), and ``tl.fma`` of it with
+``2**QB s`` and ``b`` (0, or Q2_K's ``-dmin m``) rounds ``s (q - zero) + b`` once, as
+``dequantize_row_q6_K`` / ``_q3_K`` / ``_q2_K`` (ggml-quants.c) do in fp32: the tile is
+gguf-py's weight rounded once to the activation dtype.  With fp16 activations on the GPU
+the PTX recipe ``g16_layout.ptx_f16`` does the same in f16x2 (~3 instructions per weight
+instead of ~9, with ``s`` and ``b`` rounded to fp16 first: ~2^-11 relative).
 
 * decode (``_g16_gemv_kernel``, M <= 16): program = ``BLOCK_N`` rows x one K split.
-  BLOCK_M == 1 (M == 1): no tensor cores, ``sum_k x_k w_k`` per word is
-  ``S * sum_p f_p x_p + B * sum_p x_p``, one FMA per weight, next tile's
-  words prefetched by hand.  BLOCK_M == 16: the eight slices are dequantized to the
-  activation dtype, interleaved back into natural K order and fed to ``tl.dot`` with M
-  padded to 16 (weight rows on the MMA's M side).
+  BLOCK_M == 1 (M == 1): no tensor cores, ``sum_k x_k w_k`` per word is ``S * (sum_p f_p
+  x_p - off * sum_p x_p) + b * sum_p x_p``, one FMA per weight, next tile's words
+  prefetched by hand.  BLOCK_M == 16: the slices are dequantized to the activation dtype
+  and fed to ``tl.dot`` with M padded to 16 (weight rows on the MMA's M side), either
+  interleaved back into natural K order (one dot) or, ``SLICED``, as eight dots of
+  ``k = BLOCK_K / 8`` against x read in slice order (no interleave).
 * GEMM (``_g16_gemm_kernel``): Triton tutorial 03's tiling with GROUP_M swizzle and the
   same tile dequant; small grids split K.
 * dequant (``_g16_dequant_kernel``): the dense weight in fp16/bf16 for cuBLAS at large M.
@@ -31,7 +34,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .g16_layout import TYPES, ptx_f16
 from .triton_wq_gemv import device_fn, mma, splitk_store
+
+# one recipe per (has the high pair, zero): Q6_K, Q3_K, Q2_K
+ASM_HI = tl.constexpr(ptx_f16(True, TYPES[next(t for t in TYPES if TYPES[t][2])][1]))
+ASM_Z4 = tl.constexpr(ptx_f16(False, 4))
+ASM_Z0 = tl.constexpr(ptx_f16(False, 0))
+ASM_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r")
 
 
 # ----------------------------------------------------------------------------- device
@@ -73,61 +83,114 @@ def _natural_order(s0, s1, s2, s3, s4, s5, s6, s7):
 def _load_tile(qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, n_lim, k0, K,
                stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
                stride_dn, stride_dg, HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr,
-               ZERO: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Words (lo, hi) ``[BLOCK_N, BLOCK_K / 8]`` of the K tile at k0 and per word the fp32
-    ``S = 2**QB s`` and ``B``: ``-(2**QB + zero) s``, or ``-dmin m`` with mins (see
-    _weights); rows >= n_lim read nothing and get S = B = 0 (so do words past K)."""
+               BLOCK_K: tl.constexpr):
+    """Words (lo, hi) ``[BLOCK_N, BLOCK_K / 8]`` of the K tile at k0, and per word the fp32
+    ``S = 2**QB s`` and ``b`` (``w = s (q - zero) + b``); rows >= n_lim read nothing and
+    get S = b = 0, as do words past K.  The tile must lie in one 256-value super-block."""
     BLOCK_W: tl.constexpr = BLOCK_K // 8
-    offs_w = k0 // 8 + tl.arange(0, BLOCK_W)
-    mask = (offs_n < n_lim)[:, None] & (offs_w < K // 8)[None, :]
+    BLOCK_S: tl.constexpr = BLOCK_K // 16
+    n_ok = offs_n < n_lim
     n2 = offs_n[:, None]
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_W)
+    mask = n_ok[:, None] & (offs_w < K // 8)[None, :]
     lo = tl.load(qlo_ptr + n2 * stride_ln + offs_w[None, :] * stride_lk, mask=mask, other=0)
     if HAS_HI:
         hi = tl.load(qhi_ptr + n2 * stride_hn + offs_w[None, :] * stride_hk, mask=mask,
                      other=0).to(tl.int32)
     else:
         hi = lo
-    sub = (offs_w // 2)[None, :]   # 16-value sub-block of each word
-    sup = (offs_w // 32)[None, :]  # 256-value super-block
-    sc = tl.load(sc_ptr + n2 * stride_sn + sub * stride_sg, mask=mask, other=0)
-    d = tl.load(d_ptr + n2 * stride_dn + sup * stride_dg, mask=mask, other=0.0)
-    s = d.to(tl.float32) * sc.to(tl.float32)  # exact: 11 x 8 significant bits
-    # B is exact too: (2**QB + zero) s has at most 11 + 8 + 2 significant bits
+    offs_s = k0 // 16 + tl.arange(0, BLOCK_S)
+    smask = n_ok[:, None] & (offs_s < K // 16)[None, :]
+    sc = tl.load(sc_ptr + n2 * stride_sn + offs_s[None, :] * stride_sg, mask=smask, other=0)
+    d = tl.load(d_ptr + offs_n * stride_dn + (k0 // 256) * stride_dg, mask=n_ok, other=0.0)
+    s = d.to(tl.float32)[:, None] * sc.to(tl.float32)  # exact: 11 x 8 significant bits
     if HAS_HI:
         S = s * 64.0
-        B = S * (-1.0 - ZERO / 64.0)
     else:
         S = s * 16.0
-        B = S * (-1.0 - ZERO / 16.0)
-    if HAS_MIN:  # ZERO == 0; mn / dmin share sc / d's strides
-        mn = tl.load(mn_ptr + n2 * stride_sn + sub * stride_sg, mask=mask, other=0)
-        dmin = tl.load(dmin_ptr + n2 * stride_dn + sup * stride_dg, mask=mask, other=0.0)
-        B = -(dmin.to(tl.float32) * mn.to(tl.float32))
-    return lo, hi, S, B
+    if HAS_MIN:  # mn / dmin share sc / d's strides
+        mn = tl.load(mn_ptr + n2 * stride_sn + offs_s[None, :] * stride_sg, mask=smask, other=0)
+        dmin = tl.load(dmin_ptr + offs_n * stride_dn + (k0 // 256) * stride_dg, mask=n_ok,
+                       other=0.0)
+        b = -(dmin.to(tl.float32)[:, None] * mn.to(tl.float32))
+    else:
+        b = tl.zeros_like(S)
+    return lo, hi, _interleave(S, S), _interleave(b, b)
 
 
 @device_fn
-def _weights(lo, hi, S, B, P: tl.constexpr, HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr,
+def _weights(lo, hi, S, b, P: tl.constexpr, HAS_HI: tl.constexpr, ZERO: tl.constexpr,
              DTYPE: tl.constexpr):
-    """Slice P as DTYPE: ``s (q - zero) [- m]`` rounded once to fp32, as ggml does."""
-    f = _unit(lo, hi, P, HAS_HI)
-    if HAS_MIN:
-        f = f - 1.0  # exact (Sterbenz); fma(q / 16, 16 s, -m) is then dl * q - ml
+    """Slice P in DTYPE: ``s (q - zero) + b`` rounded once in fp32, as ggml does."""
+    if HAS_HI:
+        q = _unit(lo, hi, P, HAS_HI) - (1.0 + ZERO / 64.0)   # (q - zero) / 64, exact
+    else:
+        q = _unit(lo, hi, P, HAS_HI) - (1.0 + ZERO / 16.0)
     # an explicit fma: a separate multiply and add would round twice
-    return tl.fma(f, S, B).to(DTYPE)
+    return tl.fma(q, S, b).to(DTYPE)
 
 
 @device_fn
-def _dequant(lo, hi, S, B, HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, DTYPE: tl.constexpr):
+def _slices(lo, hi, S, b, HAS_HI: tl.constexpr, ZERO: tl.constexpr, FAST: tl.constexpr,
+            DTYPE: tl.constexpr):
+    """The eight [BLOCK_N, BLOCK_K / 8] weight slices in DTYPE (FAST: fp16 PTX)."""
+    if FAST:
+        if HAS_HI:
+            s = (S * (1.0 / 64.0)).to(tl.float16)
+        else:
+            s = (S * (1.0 / 16.0)).to(tl.float16)
+        if HAS_HI:
+            asm = ASM_HI
+        elif ZERO == 4:
+            asm = ASM_Z4
+        else:
+            asm = ASM_Z0
+        return tl.inline_asm_elementwise(
+            asm, ASM_CONSTRAINTS, [lo, hi, s, b.to(tl.float16)],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                   tl.float16, tl.float16), is_pure=True, pack=2)
+    return (_weights(lo, hi, S, b, 0, HAS_HI, ZERO, DTYPE),
+            _weights(lo, hi, S, b, 1, HAS_HI, ZERO, DTYPE),
+            _weights(lo, hi, S, b, 2, HAS_HI, ZERO, DTYPE),
+            _weights(lo, hi, S, b, 3, HAS_HI, ZERO, DTYPE),
+            _weights(lo, hi, S, b, 4, HAS_HI, ZERO, DTYPE),
+            _weights(lo, hi, S, b, 5, HAS_HI, ZERO, DTYPE),
+            _weights(lo, hi, S, b, 6, HAS_HI, ZERO, DTYPE),
+            _weights(lo, hi, S, b, 7, HAS_HI, ZERO, DTYPE))
+
+
+@device_fn
+def _dequant(lo, hi, S, b, HAS_HI: tl.constexpr, ZERO: tl.constexpr, FAST: tl.constexpr,
+             DTYPE: tl.constexpr):
     """[BLOCK_N, BLOCK_K] weights in DTYPE, natural K order."""
-    return _natural_order(_weights(lo, hi, S, B, 0, HAS_HI, HAS_MIN, DTYPE),
-                          _weights(lo, hi, S, B, 1, HAS_HI, HAS_MIN, DTYPE),
-                          _weights(lo, hi, S, B, 2, HAS_HI, HAS_MIN, DTYPE),
-                          _weights(lo, hi, S, B, 3, HAS_HI, HAS_MIN, DTYPE),
-                          _weights(lo, hi, S, B, 4, HAS_HI, HAS_MIN, DTYPE),
-                          _weights(lo, hi, S, B, 5, HAS_HI, HAS_MIN, DTYPE),
-                          _weights(lo, hi, S, B, 6, HAS_HI, HAS_MIN, DTYPE),
-                          _weights(lo, hi, S, B, 7, HAS_HI, HAS_MIN, DTYPE))
+    w0, w1, w2, w3, w4, w5, w6, w7 = _slices(lo, hi, S, b, HAS_HI, ZERO, FAST, DTYPE)
+    return _natural_order(w0, w1, w2, w3, w4, w5, w6, w7)
+
+
+@device_fn
+def _x_cols(x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk):
+    """Activations transposed, [len(kk), BLOCK_M] (the decode kernel's MMA B operand)."""
+    return tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
+                   mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
+
+
+@device_fn
+def _mma_cols(acc, w, x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk):
+    """acc [BLOCK_N, BLOCK_M] += w [BLOCK_N, len(kk)] @ x[:, kk].T"""
+    return mma(w, _x_cols(x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk), acc)
+
+
+@device_fn
+def _mma_rows(acc, w, x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk):
+    """acc [BLOCK_M, BLOCK_N] += x[:, kk] @ w [BLOCK_N, len(kk)].T"""
+    return mma(_x_rows(x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk), tl.trans(w), acc)
+
+
+@device_fn
+def _x_rows(x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk):
+    """Activations [BLOCK_M, len(kk)] (the GEMM's MMA A operand)."""
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
+                   mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -139,37 +202,41 @@ def _g16_gemv_kernel(
     M, N, K, M_BUCKET,  # M_BUCKET only keys the autotuner
     stride_xm, stride_xk, stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
     stride_dn, stride_dg, stride_om, stride_on,
-    HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    SLICED: tl.constexpr = False,
+    HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SLICED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    offs_w = tl.arange(0, BLOCK_K // 8)
     num_kt = tl.cdiv(K, BLOCK_K)
     kt_per_split = tl.cdiv(num_kt, SPLIT_K)
     kt_lo = pid_k * kt_per_split
     kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)  # the last splits may get no tile
 
     if BLOCK_M == 1:
+        if HAS_HI:
+            OFF: tl.constexpr = 1.0 + ZERO / 64.0
+        else:
+            OFF: tl.constexpr = 1.0 + ZERO / 16.0
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        offs_w = tl.arange(0, BLOCK_K // 8)
         # hand prefetch (the pipeliner stages only tl.dot operands); a row limit of 0
         # past the split's end makes the load touch no memory
-        lo, hi, S, B = _load_tile(
+        lo, hi, S, b = _load_tile(
             qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n,
             tl.where(kt_lo < kt_hi, N, 0), kt_lo * BLOCK_K, K, stride_ln, stride_lk,
             stride_hn, stride_hk, stride_sn, stride_sg, stride_dn, stride_dg,
-            HAS_HI, HAS_MIN, ZERO, BLOCK_K)
+            HAS_HI, HAS_MIN, BLOCK_K)
         for kt in range(kt_lo, kt_hi):
             k0 = kt * BLOCK_K
-            nlo, nhi, nS, nB = _load_tile(
+            nlo, nhi, nS, nb = _load_tile(
                 qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n,
                 tl.where(kt + 1 < kt_hi, N, 0), k0 + BLOCK_K, K, stride_ln, stride_lk,
                 stride_hn, stride_hk, stride_sn, stride_sg, stride_dn, stride_dg,
-                HAS_HI, HAS_MIN, ZERO, BLOCK_K)
+                HAS_HI, HAS_MIN, BLOCK_K)
             fx = tl.zeros([BLOCK_N, BLOCK_K // 8], dtype=tl.float32)
             sx = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
             for p in tl.static_range(8):
@@ -177,10 +244,9 @@ def _g16_gemv_kernel(
                 xp = tl.load(x_ptr + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)
                 fx += _unit(lo, hi, p, HAS_HI) * xp[None, :]
                 sx += xp
-            if HAS_MIN:
-                fx = fx - sx[None, :]  # sum_p (f_p - 1) x_p, as _weights
-            acc += tl.sum(S * fx + B * sx[None, :], axis=1)
-            lo, hi, S, B = nlo, nhi, nS, nB
+            # per word: sum_p x_p (S (f_p - OFF) + b)
+            acc += tl.sum(S * (fx - OFF * sx[None, :]) + b * sx[None, :], axis=1)
+            lo, hi, S, b = nlo, nhi, nS, nb
         out_ptrs = out_ptr + offs_n * stride_on
         if SPLIT_K == 1:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -189,27 +255,29 @@ def _g16_gemv_kernel(
     else:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_w = tl.arange(0, BLOCK_K // 8)
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for kt in range(kt_lo, kt_hi):
             k0 = kt * BLOCK_K
-            lo, hi, S, B = _load_tile(
+            lo, hi, S, b = _load_tile(
                 qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, N, k0, K,
                 stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
-                stride_dn, stride_dg, HAS_HI, HAS_MIN, ZERO, BLOCK_K)
+                stride_dn, stride_dg, HAS_HI, HAS_MIN, BLOCK_K)
+            w0, w1, w2, w3, w4, w5, w6, w7 = _slices(lo, hi, S, b, HAS_HI, ZERO, FAST,
+                                                     x_ptr.dtype.element_ty)
             if SLICED:  # one k = BLOCK_K / 8 MMA step per slice, x read to match
-                for p in tl.static_range(8):
-                    kk = k0 + offs_w * 8 + p
-                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
-                                 mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
-                    acc = mma(_weights(lo, hi, S, B, p, HAS_HI, HAS_MIN,
-                                       x_ptr.dtype.element_ty), xt, acc)
+                kw = k0 + offs_w * 8
+                acc = _mma_cols(acc, w0, x_ptr, offs_m, m_mask, kw, K, stride_xm, stride_xk)
+                acc = _mma_cols(acc, w1, x_ptr, offs_m, m_mask, kw + 1, K, stride_xm, stride_xk)
+                acc = _mma_cols(acc, w2, x_ptr, offs_m, m_mask, kw + 2, K, stride_xm, stride_xk)
+                acc = _mma_cols(acc, w3, x_ptr, offs_m, m_mask, kw + 3, K, stride_xm, stride_xk)
+                acc = _mma_cols(acc, w4, x_ptr, offs_m, m_mask, kw + 4, K, stride_xm, stride_xk)
+                acc = _mma_cols(acc, w5, x_ptr, offs_m, m_mask, kw + 5, K, stride_xm, stride_xk)
+                acc = _mma_cols(acc, w6, x_ptr, offs_m, m_mask, kw + 6, K, stride_xm, stride_xk)
+                acc = _mma_cols(acc, w7, x_ptr, offs_m, m_mask, kw + 7, K, stride_xm, stride_xk)
             else:
-                w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
-                kk = k0 + offs_k
-                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None] * stride_xk,
-                             mask=m_mask[None, :] & (kk < K)[:, None], other=0.0)
+                w = _natural_order(w0, w1, w2, w3, w4, w5, w6, w7)
+                xt = _x_cols(x_ptr, offs_m, m_mask, k0 + tl.arange(0, BLOCK_K), K,
+                             stride_xm, stride_xk)
                 acc = mma(w, xt, acc)
         mask = n_mask[:, None] & m_mask[None, :]
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
@@ -226,9 +294,9 @@ def _g16_gemm_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
     stride_dn, stride_dg, stride_om, stride_on,
-    HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
+    HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SLICED: tl.constexpr = False,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SLICED: tl.constexpr,
 ):
     # GROUP_M programs in a row walk down one column of M tiles, so each dequantized
     # weight tile's words come from L2 for all but the first of them
@@ -246,32 +314,35 @@ def _g16_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 8)
     num_kt = tl.cdiv(K, BLOCK_K)
     kt_per_split = tl.cdiv(num_kt, SPLIT_K)
     kt_lo = pid_k * kt_per_split
     kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    offs_w = tl.arange(0, BLOCK_K // 8)
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
-        lo, hi, S, B = _load_tile(
+        lo, hi, S, b = _load_tile(
             qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, N, k0, K,
             stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
-            stride_dn, stride_dg, HAS_HI, HAS_MIN, ZERO, BLOCK_K)
+            stride_dn, stride_dg, HAS_HI, HAS_MIN, BLOCK_K)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _slices(lo, hi, S, b, HAS_HI, ZERO, FAST,
+                                                 x_ptr.dtype.element_ty)
         if SLICED:  # as in the decode kernel: no interleave, x read in slice order
-            for p in tl.static_range(8):
-                kk = k0 + offs_w * 8 + p
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                            mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-                w = _weights(lo, hi, S, B, p, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
-                acc = mma(x, tl.trans(w), acc)
+            kw = k0 + offs_w * 8
+            acc = _mma_rows(acc, w0, x_ptr, offs_m, m_mask, kw, K, stride_xm, stride_xk)
+            acc = _mma_rows(acc, w1, x_ptr, offs_m, m_mask, kw + 1, K, stride_xm, stride_xk)
+            acc = _mma_rows(acc, w2, x_ptr, offs_m, m_mask, kw + 2, K, stride_xm, stride_xk)
+            acc = _mma_rows(acc, w3, x_ptr, offs_m, m_mask, kw + 3, K, stride_xm, stride_xk)
+            acc = _mma_rows(acc, w4, x_ptr, offs_m, m_mask, kw + 4, K, stride_xm, stride_xk)
+            acc = _mma_rows(acc, w5, x_ptr, offs_m, m_mask, kw + 5, K, stride_xm, stride_xk)
+            acc = _mma_rows(acc, w6, x_ptr, offs_m, m_mask, kw + 6, K, stride_xm, stride_xk)
+            acc = _mma_rows(acc, w7, x_ptr, offs_m, m_mask, kw + 7, K, stride_xm, stride_xk)
         else:
-            kk = k0 + offs_k
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
-                        mask=m_mask[:, None] & (kk < K)[None, :], other=0.0)
-            w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, x_ptr.dtype.element_ty)
+            x = _x_rows(x_ptr, offs_m, m_mask, k0 + tl.arange(0, BLOCK_K), K, stride_xm,
+                        stride_xk)
+            w = _natural_order(w0, w1, w2, w3, w4, w5, w6, w7)
             acc = mma(x, tl.trans(w), acc)
 
     mask = m_mask[:, None] & n_mask[None, :]
@@ -288,17 +359,17 @@ def _g16_dequant_kernel(
     qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, w_ptr, N, K,
     stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
     stride_dn, stride_dg, stride_wn, stride_wk,
-    HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr,
+    HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, FAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     kk = k0 + tl.arange(0, BLOCK_K)
-    lo, hi, S, B = _load_tile(
+    lo, hi, S, b = _load_tile(
         qlo_ptr, qhi_ptr, sc_ptr, d_ptr, mn_ptr, dmin_ptr, offs_n, N, k0, K,
         stride_ln, stride_lk, stride_hn, stride_hk, stride_sn, stride_sg,
-        stride_dn, stride_dg, HAS_HI, HAS_MIN, ZERO, BLOCK_K)
-    w = _dequant(lo, hi, S, B, HAS_HI, HAS_MIN, w_ptr.dtype.element_ty)
+        stride_dn, stride_dg, HAS_HI, HAS_MIN, BLOCK_K)
+    w = _dequant(lo, hi, S, b, HAS_HI, ZERO, FAST, w_ptr.dtype.element_ty)
     # int64 rows: a dense [N, K] weight may pass 2**31 elements
     tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + kk[None, :] * stride_wk, w,
              mask=(offs_n < N)[:, None] & (kk < K)[None, :])

@@ -27,6 +27,7 @@ random tensors in the same layout (any bits are a valid weight), faster to build
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -186,12 +187,11 @@ def suggested_switch(rows) -> int | None:
 
 
 # candidates beyond the tuned lists: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)
-EXTRA_GEMV = [(1, 32, 256, 8, 2, 1), (1, 64, 512, 4, 4, 1), (1, 128, 128, 4, 4, 1),
-              (1, 32, 512, 4, 4, 1), (16, 32, 128, 4, 4, 3), (16, 64, 512, 2, 4, 3),
-              (16, 128, 256, 2, 8, 3), (16, 32, 256, 8, 4, 4)]
-EXTRA_GEMM = [(64, 64, 256, 1, 4, 3), (64, 64, 256, 2, 4, 3), (128, 128, 256, 1, 8, 3),
-              (128, 256, 64, 1, 8, 3), (64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 4),
-              (32, 64, 256, 4, 4, 3), (16, 64, 256, 8, 4, 3)]
+EXTRA_GEMV = [(1, 128, 128, 4, 4, 1), (1, 32, 128, 8, 2, 1), (1, 16, 256, 4, 1, 1),
+              (16, 32, 128, 4, 4, 3), (16, 32, 256, 8, 4, 4), (16, 128, 256, 2, 8, 3),
+              (16, 64, 256, 2, 4, 3)]
+EXTRA_GEMM = [(64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 4), (128, 128, 256, 1, 8, 2),
+              (64, 64, 256, 1, 4, 4), (16, 64, 256, 8, 4, 3), (64, 128, 256, 1, 8, 3)]
 
 
 def sweep(shapes, deadline) -> list[dict]:
@@ -208,7 +208,7 @@ def sweep(shapes, deadline) -> list[dict]:
     out = []
     for k, n in shapes:
         _, ws, dense = weights_for(k, n)
-        for m in (1, 4, 16, 64, 256, 512):
+        for m in (1, 4, 16, 64, 128, 256):
             if time.monotonic() > deadline:
                 print(f"  time budget reached: skipping K={k} N={n} M>={m}", flush=True)
                 return out
@@ -232,16 +232,26 @@ def sweep(shapes, deadline) -> list[dict]:
                     outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in ws]
                     us = graph_time_us([lambda w=w, o=o: fn(x, w, o, config=c)
                                         for w, o in zip(ws, outs)])
-                    res.append((us, name))
+                    res.append((us, name, fn, c))
                 except Exception as e:
                     lines = str(e).strip().splitlines() or [""]
                     print(f"  {name} K={k} N={n} M={m}: {type(e).__name__}: "
                           f"{lines[0][:150]} ... {lines[-1][:150]}", flush=True)
             deq = graph_time_us([lambda w=w: tg.dequant_matmul(x, w) for w in ws])
-            res.sort()
-            out.append(dict(K=k, N=n, M=m, fp16_us=fp16, deq_us=deq, best=res[:5]))
-            print(f"K={k} N={n} M={m}: fp16 {fp16:.1f} deq {deq:.1f} | " + " | ".join(
-                f"{us:.1f} {name}" for us, name in res[:5]), flush=True)
+            res.sort(key=lambda r: r[0])
+            portable = None
+            if res:  # the best config again with the fp32 dequant instead of the PTX one
+                _, _, fn, c = res[0]
+                os.environ["QUANTRT_G16_FAST_DEQUANT"] = "0"
+                outs = [torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in ws]
+                portable = graph_time_us([lambda w=w, o=o: fn(x, w, o, config=c)
+                                          for w, o in zip(ws, outs)])
+                del os.environ["QUANTRT_G16_FAST_DEQUANT"]
+            out.append(dict(K=k, N=n, M=m, fp16_us=fp16, deq_us=deq, portable_us=portable,
+                            best=[r[:2] for r in res[:5]]))
+            print(f"K={k} N={n} M={m}: fp16 {fp16:.1f} deq {deq:.1f} best-portable "
+                  f"{portable or 0:.1f} | " + " | ".join(
+                      f"{us:.1f} {name}" for us, name, _, _ in res[:5]), flush=True)
     return out
 
 

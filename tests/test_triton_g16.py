@@ -79,7 +79,7 @@ def test_repacked_weight_is_bit_exact(qtype):
     raw = random_blocks(qtype, n, k, seed=int(qtype))
     w = to_g16(torch.from_numpy(raw), qtype, k)
     assert torch.equal(dequantize_g16(w), gguf_weight(raw, qtype, n, k))
-    assert w.sc.t().is_contiguous() and w.d.t().is_contiguous()  # group-major
+    assert w.sc.is_contiguous() and w.d.t().is_contiguous()  # d group-major
     if qtype == Q.Q6_K:
         assert w.nbytes == raw.nbytes  # 210 bytes per 256 values, as stored
 
@@ -148,7 +148,7 @@ def test_bf16_activations(m, n, qtype):
 # explicit configs: a ragged N edge over several N tiles, uneven and empty K splits, a
 # 512-wide K tile past K, both decode paths, several M tiles with the swizzle
 @pytest.mark.parametrize("bm,bk,split,sliced", [
-    (1, 128, 1, False), (1, 128, 4, False), (1, 512, 1, False), (16, 128, 4, False),
+    (1, 128, 1, False), (1, 128, 4, False), (1, 256, 2, False), (16, 128, 4, False),
     (16, 64, 5, False), (16, 128, 3, True)])
 def test_gemv_configs(bm, bk, split, sliced):
     m = 1 if bm == 1 else 5
@@ -204,6 +204,70 @@ def test_gemv_pruner(m, n, k):
     assert any(c.kwargs["BLOCK_M"] == 1 for c in kept) == (m == 1)
 
 
+def _f16(bits: int) -> float:
+    return float(np.array(bits & 0xFFFF, dtype=np.uint16).view(np.float16))
+
+
+def _to_f16(v: float) -> int:
+    return int(np.array(v, dtype=np.float16).view(np.uint16))
+
+
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """Interpret the straight-line PTX of g16_layout.ptx_f16 on Python ints."""
+    def val(t):
+        return int(t, 16) if t.startswith("0x") else int(t) if t.isdigit() else regs[t]
+    for stmt in asm.strip("{}").replace("\n", ";").split(";"):
+        if not stmt.strip() or stmt.strip().startswith(".reg"):
+            continue
+        op, rest = stmt.split(None, 1)
+        d, *a = [t.strip() for t in rest.split(",")]
+        if op == "mov.b32":
+            r = val(a[0])
+        elif op == "shr.b32":
+            r = val(a[0]) >> val(a[1])
+        elif op == "shl.b32":
+            r = val(a[0]) << val(a[1])
+        elif op == "prmt.b32":  # bytes 0-3 from a, 4-7 from b; a selector nibble per byte
+            src = val(a[1]) << 32 | val(a[0])
+            r = sum(((src >> 8 * ((val(a[2]) >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "lop3.b32":
+            assert val(a[3]) == 0xEA  # (a & b) | c
+            r = (val(a[0]) & val(a[1])) | val(a[2])
+        else:  # sub.f16x2 / fma.rn.f16x2, per 16-bit half, each rounded once
+            halves = [[_f16(val(t) >> sh) for t in a] for sh in (0, 16)]
+            if op.startswith("sub"):
+                res = [h[0] - h[1] for h in halves]
+            else:
+                res = [h[0] * h[1] + h[2] for h in halves]  # exact in float64, then rounded
+            r = _to_f16(res[0]) | _to_f16(res[1]) << 16
+        regs[d] = r & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("qtype", g16_layout.SUPPORTED, ids=lambda t: t.name)
+def test_ptx_dequant_recipe(qtype):
+    # the GPU fast path's bit logic (nibble and pair positions, prmt selectors, magic
+    # numbers) on the CPU, against the layout's own unpacking; the GPU tests run the
+    # real instructions
+    _, zero, has_hi = g16_layout.TYPES[qtype]
+    asm = g16_layout.ptx_f16(has_hi, zero)
+    rng = np.random.default_rng(int(qtype))
+    for _ in range(200):
+        q = rng.integers(0, 64 if has_hi else 16, (2, 8))
+        lo = [sum(int(v & 15) << 4 * j for j, v in enumerate(row)) for row in q]
+        hi = [sum(int(v >> 4) << 2 * j for j, v in enumerate(row)) for row in q]
+        hi = [h - (1 << 16) if h >= 1 << 15 else h for h in hi]  # int16 sign-extended
+        s = [_to_f16(v) for v in rng.uniform(1e-3, 0.1, 2)]
+        b = [_to_f16(v) for v in rng.uniform(-1, 0, 2)]
+        regs = {"$8": lo[0] & 0xFFFFFFFF, "$9": lo[1] & 0xFFFFFFFF,
+                "$10": hi[0] & 0xFFFFFFFF, "$11": hi[1] & 0xFFFFFFFF,
+                "$12": s[0] | s[1] << 16, "$13": b[0] | b[1] << 16}
+        regs = _run_ptx(asm, regs)
+        for p in range(8):
+            want = [_to_f16((int(q[i, p]) - zero) * _f16(s[i]) + _f16(b[i])) for i in range(2)]
+            assert regs[f"${p}"] == want[0] | want[1] << 16, (p, q[:, p])
+
+
 # ----------------------------------------------------------------------------- selection
 def test_ggml_kernel_choice():
     from quantrt.quant.ggml_kernels import (DequantKernel, GGMLTensor, TritonG16Kernel,
@@ -241,7 +305,7 @@ def test_ggml_kernel_runs(dtype):
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES[::3], ids=lambda c: f"{c[0].name}-m{c[1]}-n{c[2]}-k{c[3]}")
-def test_gpu_small_shapes(case):
+def test_gpu_small_shapes(case, monkeypatch):
     qtype, m, n, k = case
     raw = random_blocks(qtype, n, k, seed=m + n + k)
     w = to_g16(torch.from_numpy(raw), qtype, k).to("cuda")
@@ -253,7 +317,14 @@ def test_gpu_small_shapes(case):
         check(x, w, want, run=lambda x, w, o: tg.gemv(x, w, o, config=tg.SAFE_GEMV_CONFIG))
     check(x, w, want, run=lambda x, w, o: tg.gemm(x, w, o, config=tg.SAFE_GEMM_CONFIG))
     check(x, w, want, run=lambda x, w, o: tg.dequant_matmul(x, w, o))
+    # the fp16 PTX path rounds s = d * sc to fp16 first; the portable one is exact
+    fast = tg.dequantize(w, torch.float16).cpu().float()
+    assert ((fast - want).abs() <= 2 ** -10 * want.abs() + 2 ** -24).all()
+    monkeypatch.setenv("QUANTRT_G16_FAST_DEQUANT", "0")
     assert torch.equal(tg.dequantize(w, torch.float16).cpu(), want.half())
+    if m <= 16:
+        check(x, w, want, run=lambda x, w, o: tg.gemv(x, w, o, config=tg.SAFE_GEMV_CONFIG))
+    check(x, w, want, run=lambda x, w, o: tg.gemm(x, w, o, config=tg.SAFE_GEMM_CONFIG))
 
 
 @pytest.mark.gpu
