@@ -139,24 +139,31 @@ def _slices(lo, hi, S, b, HAS_HI: tl.constexpr, ZERO: tl.constexpr, FAST: tl.con
             s = (S * (1.0 / 64.0)).to(tl.float16)
         else:
             s = (S * (1.0 / 16.0)).to(tl.float16)
+        b = b.to(tl.float16)
+        # the recipe goes in as the global constexpr itself (a local copy would not stay
+        # a compile-time string)
         if HAS_HI:
-            asm = ASM_HI
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                ASM_HI, ASM_CONSTRAINTS, [lo, hi, s, b], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
         elif ZERO == 4:
-            asm = ASM_Z4
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                ASM_Z4, ASM_CONSTRAINTS, [lo, hi, s, b], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
         else:
-            asm = ASM_Z0
-        return tl.inline_asm_elementwise(
-            asm, ASM_CONSTRAINTS, [lo, hi, s, b.to(tl.float16)],
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                   tl.float16, tl.float16), is_pure=True, pack=2)
-    return (_weights(lo, hi, S, b, 0, HAS_HI, ZERO, DTYPE),
-            _weights(lo, hi, S, b, 1, HAS_HI, ZERO, DTYPE),
-            _weights(lo, hi, S, b, 2, HAS_HI, ZERO, DTYPE),
-            _weights(lo, hi, S, b, 3, HAS_HI, ZERO, DTYPE),
-            _weights(lo, hi, S, b, 4, HAS_HI, ZERO, DTYPE),
-            _weights(lo, hi, S, b, 5, HAS_HI, ZERO, DTYPE),
-            _weights(lo, hi, S, b, 6, HAS_HI, ZERO, DTYPE),
-            _weights(lo, hi, S, b, 7, HAS_HI, ZERO, DTYPE))
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                ASM_Z0, ASM_CONSTRAINTS, [lo, hi, s, b], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
+    else:
+        w0 = _weights(lo, hi, S, b, 0, HAS_HI, ZERO, DTYPE)
+        w1 = _weights(lo, hi, S, b, 1, HAS_HI, ZERO, DTYPE)
+        w2 = _weights(lo, hi, S, b, 2, HAS_HI, ZERO, DTYPE)
+        w3 = _weights(lo, hi, S, b, 3, HAS_HI, ZERO, DTYPE)
+        w4 = _weights(lo, hi, S, b, 4, HAS_HI, ZERO, DTYPE)
+        w5 = _weights(lo, hi, S, b, 5, HAS_HI, ZERO, DTYPE)
+        w6 = _weights(lo, hi, S, b, 6, HAS_HI, ZERO, DTYPE)
+        w7 = _weights(lo, hi, S, b, 7, HAS_HI, ZERO, DTYPE)
+    return w0, w1, w2, w3, w4, w5, w6, w7
 
 
 @device_fn
