@@ -41,15 +41,17 @@ except ImportError:  # pragma: no cover - hosts without Triton keep the torch pa
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16
 GEMM_M_CAP = 4096
-# scripts/bench_q6k.py --sweep on the H100: the fused GEMM still won at M = 64 (8192x8192:
-# 70.7 us against 131.2 for dequant + cuBLAS) and lost at M = 256 on every shape
+# scripts/bench_q6k.py --sweep on the H100: the fused GEMM won at M = 64 on every shape
+# (8192x8192: 87.9 us, dequant + cuBLAS 132.1), split at M = 128 (won 108 / 118 us against
+# 120 / 134 on 4096x14336 / 8192x8192, lost 47 / 159 against 33 / 126 on the other two)
+# and lost at M = 256 on every shape
 DEQUANT_GEMM_MIN_M = 128
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- configs
-def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=None, sliced=False):
-    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SLICED": sliced}
+def _cfg(bm, bn, bk, sk=1, warps=4, stages=3, gm=None):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}
     if gm is not None:
         kw["GROUP_M"] = gm
     return triton.Config(kw, num_warps=warps, num_stages=stages)
@@ -62,22 +64,23 @@ def fast_ok(dtype: torch.dtype) -> bool:
 
 
 if HAS_TRITON:
-    # From scripts/bench_q6k.py --sweep on the H100 (CUDA graphs, 8 weight copies): a
-    # weight-streaming kernel wants ~4 programs per SM, so K is split unless N fills the
-    # GPU; M == 1 mostly prefers the FMA path, 4096x14336 the sliced tl.dot one.
+    # From scripts/bench_q6k.py --sweep on the H100 (CUDA graphs, 8 weight copies): at
+    # M == 1 the FMA path with small tiles and one warp won on every shape (8192x8192:
+    # 41.2 us, fp16 cuBLAS 50.7); M <= 16 the dot path (16, 64, 256) splitting K in two;
+    # M = 64..256 the GEMM below, with dequant + cuBLAS from DEQUANT_GEMM_MIN_M.
     GEMV_CONFIGS = [
-        _cfg(1, 32, 256, 4, 2, 1), _cfg(1, 32, 256, 8, 2, 1), _cfg(1, 32, 256, 2, 2, 1),
-        _cfg(1, 64, 256, 4, 4, 1), _cfg(1, 64, 256, 1, 4, 1),
-        _cfg(16, 64, 256, 4, 4, 3, sliced=True), _cfg(16, 64, 128, 8, 4, 3, sliced=True),
-        _cfg(16, 64, 256, 1, 4, 3, sliced=True), _cfg(16, 128, 128, 4, 8, 3, sliced=True),
-        _cfg(16, 64, 128, 4, 4, 3), _cfg(16, 64, 128, 8, 4, 3),
+        _cfg(1, 16, 256, 4, 1, 1), _cfg(1, 16, 256, 8, 1, 1), _cfg(1, 16, 128, 8, 1, 1),
+        _cfg(1, 16, 256, 2, 1, 1), _cfg(1, 32, 128, 8, 2, 1), _cfg(1, 32, 256, 4, 2, 1),
+        _cfg(1, 64, 256, 1, 4, 1),  # N alone fills the GPU (lm_head)
+        _cfg(16, 64, 256, 2, 4, 3), _cfg(16, 64, 128, 8, 4, 3), _cfg(16, 64, 128, 4, 4, 3),
+        _cfg(16, 64, 256, 4, 4, 3), _cfg(16, 64, 256, 1, 4, 3),
     ]
     SAFE_GEMV_CONFIG = _cfg(16, 32, 128, 1)
     GEMM_CONFIGS = [
-        _cfg(64, 64, 256, 1, 4, 3, 8), _cfg(64, 64, 256, 2, 4, 3, 8),
-        _cfg(64, 64, 128, 2, 4, 4, 8), _cfg(32, 64, 256, 4, 4, 3, 8),
-        _cfg(64, 64, 256, 1, 4, 3, 8, True), _cfg(128, 64, 128, 1, 4, 3, 8),
-        _cfg(128, 128, 128, 1, 8, 3, 8),
+        _cfg(64, 64, 256, 2, 4, 3, 8), _cfg(64, 64, 128, 2, 4, 4, 8),
+        _cfg(64, 64, 256, 1, 4, 3, 8), _cfg(128, 64, 128, 1, 4, 3, 8),
+        _cfg(128, 128, 256, 1, 8, 2, 8), _cfg(128, 128, 128, 1, 8, 3, 8),
+        _cfg(16, 64, 256, 8, 4, 3, 8),
     ]
     SAFE_GEMM_CONFIG = _cfg(64, 64, 128, 1, 4, 3, 8)  # BLOCK_K = 64 broke Triton 3.6
 

@@ -20,9 +20,10 @@ instead of ~9, with ``s`` and ``b`` rounded to fp16 first: ~2^-11 relative).
   BLOCK_M == 1 (M == 1): no tensor cores, ``sum_k x_k w_k`` per word is ``S * (sum_p f_p
   x_p - off * sum_p x_p) + b * sum_p x_p``, one FMA per weight, next tile's words
   prefetched by hand.  BLOCK_M == 16: the slices are dequantized to the activation dtype
-  and fed to ``tl.dot`` with M padded to 16 (weight rows on the MMA's M side), either
-  interleaved back into natural K order (one dot) or, ``SLICED``, as eight dots of
-  ``k = BLOCK_K / 8`` against x read in slice order (no interleave).
+  interleaved back into natural K order and fed to ``tl.dot`` with M padded to 16
+  (weight rows on the MMA's M side).  (Eight ``k = BLOCK_K / 8`` dots against x read in
+  slice order, skipping the interleave, gave wrong results or failed to compile with
+  Triton 3.6 on the H100.)
 * GEMM (``_g16_gemm_kernel``): Triton tutorial 03's tiling with GROUP_M swizzle and the
   same tile dequant; small grids split K.
 * dequant (``_g16_dequant_kernel``): the dense weight in fp16/bf16 for cuBLAS at large M.
@@ -182,18 +183,6 @@ def _x_cols(x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk):
 
 
 @device_fn
-def _mma_cols(acc, w, x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk):
-    """acc [BLOCK_N, BLOCK_M] += w [BLOCK_N, len(kk)] @ x[:, kk].T"""
-    return mma(w, _x_cols(x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk), acc)
-
-
-@device_fn
-def _mma_rows(acc, w, x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk):
-    """acc [BLOCK_M, BLOCK_N] += x[:, kk] @ w [BLOCK_N, len(kk)].T"""
-    return mma(_x_rows(x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk), tl.trans(w), acc)
-
-
-@device_fn
 def _x_rows(x_ptr, offs_m, m_mask, kk, K, stride_xm, stride_xk):
     """Activations [BLOCK_M, len(kk)] (the GEMM's MMA A operand)."""
     return tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -211,7 +200,7 @@ def _g16_gemv_kernel(
     stride_dn, stride_dg, stride_om, stride_on,
     HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, SLICED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -271,21 +260,10 @@ def _g16_gemv_kernel(
                 stride_dn, stride_dg, HAS_HI, HAS_MIN, BLOCK_K)
             w0, w1, w2, w3, w4, w5, w6, w7 = _slices(lo, hi, S, b, HAS_HI, ZERO, FAST,
                                                      x_ptr.dtype.element_ty)
-            if SLICED:  # one k = BLOCK_K / 8 MMA step per slice, x read to match
-                kw = k0 + offs_w * 8
-                acc = _mma_cols(acc, w0, x_ptr, offs_m, m_mask, kw, K, stride_xm, stride_xk)
-                acc = _mma_cols(acc, w1, x_ptr, offs_m, m_mask, kw + 1, K, stride_xm, stride_xk)
-                acc = _mma_cols(acc, w2, x_ptr, offs_m, m_mask, kw + 2, K, stride_xm, stride_xk)
-                acc = _mma_cols(acc, w3, x_ptr, offs_m, m_mask, kw + 3, K, stride_xm, stride_xk)
-                acc = _mma_cols(acc, w4, x_ptr, offs_m, m_mask, kw + 4, K, stride_xm, stride_xk)
-                acc = _mma_cols(acc, w5, x_ptr, offs_m, m_mask, kw + 5, K, stride_xm, stride_xk)
-                acc = _mma_cols(acc, w6, x_ptr, offs_m, m_mask, kw + 6, K, stride_xm, stride_xk)
-                acc = _mma_cols(acc, w7, x_ptr, offs_m, m_mask, kw + 7, K, stride_xm, stride_xk)
-            else:
-                w = _natural_order(w0, w1, w2, w3, w4, w5, w6, w7)
-                xt = _x_cols(x_ptr, offs_m, m_mask, k0 + tl.arange(0, BLOCK_K), K,
-                             stride_xm, stride_xk)
-                acc = mma(w, xt, acc)
+            w = _natural_order(w0, w1, w2, w3, w4, w5, w6, w7)
+            xt = _x_cols(x_ptr, offs_m, m_mask, k0 + tl.arange(0, BLOCK_K), K,
+                         stride_xm, stride_xk)
+            acc = mma(w, xt, acc)
         mask = n_mask[:, None] & m_mask[None, :]
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         if SPLIT_K == 1:
@@ -303,7 +281,7 @@ def _g16_gemm_kernel(
     stride_dn, stride_dg, stride_om, stride_on,
     HAS_HI: tl.constexpr, HAS_MIN: tl.constexpr, ZERO: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SLICED: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # GROUP_M programs in a row walk down one column of M tiles, so each dequantized
     # weight tile's words come from L2 for all but the first of them
@@ -336,21 +314,10 @@ def _g16_gemm_kernel(
             stride_dn, stride_dg, HAS_HI, HAS_MIN, BLOCK_K)
         w0, w1, w2, w3, w4, w5, w6, w7 = _slices(lo, hi, S, b, HAS_HI, ZERO, FAST,
                                                  x_ptr.dtype.element_ty)
-        if SLICED:  # as in the decode kernel: no interleave, x read in slice order
-            kw = k0 + offs_w * 8
-            acc = _mma_rows(acc, w0, x_ptr, offs_m, m_mask, kw, K, stride_xm, stride_xk)
-            acc = _mma_rows(acc, w1, x_ptr, offs_m, m_mask, kw + 1, K, stride_xm, stride_xk)
-            acc = _mma_rows(acc, w2, x_ptr, offs_m, m_mask, kw + 2, K, stride_xm, stride_xk)
-            acc = _mma_rows(acc, w3, x_ptr, offs_m, m_mask, kw + 3, K, stride_xm, stride_xk)
-            acc = _mma_rows(acc, w4, x_ptr, offs_m, m_mask, kw + 4, K, stride_xm, stride_xk)
-            acc = _mma_rows(acc, w5, x_ptr, offs_m, m_mask, kw + 5, K, stride_xm, stride_xk)
-            acc = _mma_rows(acc, w6, x_ptr, offs_m, m_mask, kw + 6, K, stride_xm, stride_xk)
-            acc = _mma_rows(acc, w7, x_ptr, offs_m, m_mask, kw + 7, K, stride_xm, stride_xk)
-        else:
-            x = _x_rows(x_ptr, offs_m, m_mask, k0 + tl.arange(0, BLOCK_K), K, stride_xm,
-                        stride_xk)
-            w = _natural_order(w0, w1, w2, w3, w4, w5, w6, w7)
-            acc = mma(x, tl.trans(w), acc)
+        x = _x_rows(x_ptr, offs_m, m_mask, k0 + tl.arange(0, BLOCK_K), K, stride_xm,
+                    stride_xk)
+        w = _natural_order(w0, w1, w2, w3, w4, w5, w6, w7)
+        acc = mma(x, tl.trans(w), acc)
 
     mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on

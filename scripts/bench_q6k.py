@@ -187,24 +187,16 @@ def suggested_switch(rows) -> int | None:
 
 
 # candidates beyond the tuned lists: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)
-EXTRA_GEMV = [(1, 128, 128, 4, 4, 1), (1, 32, 128, 8, 2, 1), (1, 16, 256, 4, 1, 1),
-              (16, 32, 128, 4, 4, 3), (16, 32, 256, 8, 4, 4), (16, 128, 256, 2, 8, 3),
-              (16, 64, 256, 2, 4, 3)]
-EXTRA_GEMM = [(64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 4), (128, 128, 256, 1, 8, 2),
-              (64, 64, 256, 1, 4, 4), (16, 64, 256, 8, 4, 3), (64, 128, 256, 1, 8, 3)]
+EXTRA_GEMV = [(1, 8, 256, 4, 1, 1), (1, 16, 128, 16, 1, 1), (1, 32, 256, 8, 2, 1),
+              (16, 32, 256, 2, 4, 3), (16, 32, 128, 4, 4, 3), (16, 128, 256, 2, 8, 3)]
+EXTRA_GEMM = [(64, 128, 128, 1, 4, 3), (128, 128, 128, 1, 8, 4), (64, 128, 256, 1, 8, 3),
+              (32, 64, 256, 4, 4, 3)]
 
 
 def sweep(shapes, deadline) -> list[dict]:
     """Every pinned decode / GEMM config per (shape, M), checked, then timed."""
     gemv_cfgs = tg.GEMV_CONFIGS + [tg._cfg(*c) for c in EXTRA_GEMV]
-    gemv_cfgs += [tg._cfg(*c[:6], sliced=True) for c in
-                  [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                    c.kwargs["SPLIT_K"], c.num_warps, c.num_stages) for c in gemv_cfgs]
-                  if c[0] == 16 and c[2] >= 128]
     gemm_cfgs = tg.GEMM_CONFIGS + [tg._cfg(*c, gm=8) for c in EXTRA_GEMM]
-    gemm_cfgs += [tg._cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                          c.kwargs["SPLIT_K"], c.num_warps, c.num_stages, 8, True)
-                  for c in gemm_cfgs if c.kwargs["BLOCK_K"] >= 128]
     out = []
     for k, n in shapes:
         _, ws, dense = weights_for(k, n)
