@@ -197,7 +197,9 @@ def test_fake_impl_and_compile():
 def test_gemv_pruner(m, n, k):
     args = dict(x_ptr=torch.empty(1), N=n, K=k, M_BUCKET=tg.m_bucket(m, 16))
     kept = tg._prune_gemv(tg.GEMV_CONFIGS, args)
-    assert kept and len(kept) <= 13  # autotuning time per shape
+    assert kept and len(kept) <= 12  # autotuning time per shape
+    assert all(c.kwargs["SPLIT_K"] == 1 for c in kept if n > tg.SPLITK_MAX_N)
+    assert any(c.kwargs["SPLIT_K"] > 1 for c in kept) == (n <= tg.SPLITK_MAX_N)
     assert all(c.kwargs["BLOCK_M"] == 16 or m == 1 for c in kept)
     assert any(c.kwargs["BLOCK_M"] == 1 for c in kept) == (m == 1)
 
