@@ -31,7 +31,7 @@ try:
     import triton
 
     from . import triton_g16_kernels as _k
-    from .triton_wq_gemv import (MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs, launch_tuned,
+    from .triton_wq_tile import (MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs, launch_tuned,
                                  split_locks)
     from .wq_layout import m_bucket, num_sms
     HAS_TRITON = True

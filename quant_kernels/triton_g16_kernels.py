@@ -7,7 +7,7 @@ BLOCK_K / 16]`` scales ``s = d * sc`` are widened to the word shape once per til
 sub-block's scale serves two words: an interleave with itself, register renaming).
 Scales thus change every 16 values inside a tile while the K tile stays wide.
 
-Unpacking (portable path) is the exact-float trick of triton_wq_gemv: value bits go under
+Unpacking (portable path) is the exact-float trick of triton_wq_tile: value bits go under
 1.0's exponent, ``f = 1 + q / 2**QB`` (QB = 6 with the high pair, else 4), ``f - (1 +
 zero / 2**QB)`` is ``(q - zero) / 2**QB`` exactly (Sterbenz), and ``tl.fma`` of it with
 ``2**QB s`` and ``b`` (0, or Q2_K's ``-dmin m``) rounds ``s (q - zero) + b`` once, as
@@ -28,7 +28,7 @@ instead of ~9, with ``s`` and ``b`` rounded to fp16 first: ~2^-11 relative).
   same tile dequant; small grids split K.
 * dequant (``_g16_dequant_kernel``): the dense weight in fp16/bf16 for cuBLAS at large M.
 
-Split-K partials use triton_wq_gemv's one-launch epilogue (``splitk_store``).
+Split-K partials use triton_wq_tile's one-launch epilogue (``splitk_store``).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .g16_layout import TYPES, ptx_f16
-from .triton_wq_gemv import device_fn, mma, splitk_store
+from .triton_wq_tile import device_fn, mma, splitk_store
 
 # one recipe per (has the high pair, zero): Q6_K, Q3_K, Q2_K
 ASM_HI = tl.constexpr(ptx_f16(True, TYPES[next(t for t in TYPES if TYPES[t][2])][1]))
