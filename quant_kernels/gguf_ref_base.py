@@ -62,7 +62,7 @@ class GGMLBlockType:
         step = max(1, _CHUNK_VALUES // cls.block_size)
         if n_blocks <= step:
             return cls.dequantize_blocks(blocks).reshape(-1)
-        out = torch.empty(n_blocks, cls.block_size, dtype=torch.float32)
+        out = torch.empty(n_blocks, cls.block_size, dtype=torch.float32, device=raw.device)
         for start in range(0, n_blocks, step):
             out[start:start + step] = cls.dequantize_blocks(blocks[start:start + step])
         return out.reshape(-1)

@@ -13,8 +13,8 @@ Every type here is ``w = scale * q + bias`` over 32-value groups with unsigned `
 
 The products ``d * sc`` and ``dmin * m`` are rounded once to the kernel's fp16/bf16
 scales (the exact reference keeps them in fp32): ~2^-11 relative, below the fp16 GEMM's own
-rounding.  Q6_K, Q2_K and Q3_K use 16-value sub-blocks, which the kernels' K tiles do not
-take yet; they stay on dequantize + GEMM.
+rounding.  Q6_K, Q2_K and Q3_K use 16-value sub-blocks, which this layout's groups (32 and
+up) cannot hold: they have their own layout and kernels (g16_layout.py, triton_g16.py).
 """
 from __future__ import annotations
 

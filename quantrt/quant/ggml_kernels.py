@@ -182,7 +182,7 @@ class TritonWQKernel(GGMLKernel):
         if not triton_wq.HAS_TRITON:
             return False, "triton is not installed"
         if w.ggml_type not in gguf_wq.SUPPORTED:
-            return False, (f"{w.type_name} uses 16-value sub-blocks or codebooks (fused: "
+            return False, (f"{w.type_name} has no WQWeight layout (fused: "
                            f"{', '.join(t.name for t in gguf_wq.SUPPORTED)})")
         return True, ""
 
@@ -204,8 +204,47 @@ class TritonWQKernel(GGMLKernel):
         return [t for t in (self.wq.qweight, self.wq.scales, self.wq.bias) if t is not None]
 
 
-GGML_KERNELS: tuple[type[GGMLKernel], ...] = (DenseKernel, TritonWQKernel, CpuGGMLKernel,
-                                              CpuInt4PackKernel, DequantKernel)
+class TritonG16Kernel(GGMLKernel):
+    """Q6_K/Q3_K/Q2_K (a scale per 16 values) repacked once (quant_kernels/g16_layout.py)
+    and run by their own fused Triton dequant-matmul (quant_kernels/triton_g16.py)."""
+
+    name = "triton-g16 (fused dequant-matmul, 16-value sub-blocks)"
+    reads_raw = False
+
+    @classmethod
+    def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
+        from quant_kernels import g16_layout, triton_g16
+
+        why = fast_kernel_refusal(policy, device, "cuda")
+        if why:
+            return False, why
+        if not triton_g16.HAS_TRITON:
+            return False, "triton is not installed"
+        if w.ggml_type not in g16_layout.SUPPORTED:
+            return False, (f"{w.type_name} has no 16-value sub-blocks (fused: "
+                           f"{', '.join(t.name for t in g16_layout.SUPPORTED)})")
+        return True, ""
+
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
+        from quant_kernels import g16_layout
+
+        # the kernels take fp16/bf16 activations; an fp32 model runs them in fp16
+        self.act_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        self.w = g16_layout.to_g16(w.data, w.ggml_type, w.shape[1]).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from quant_kernels.triton_g16 import g16_matmul
+
+        if x.dtype == self.act_dtype:
+            return g16_matmul(x, self.w)
+        return g16_matmul(x.to(self.act_dtype), self.w).to(x.dtype)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.w.tensors()
+
+
+GGML_KERNELS: tuple[type[GGMLKernel], ...] = (DenseKernel, TritonWQKernel, TritonG16Kernel,
+                                              CpuGGMLKernel, CpuInt4PackKernel, DequantKernel)
 
 
 def pick_kernel(w: GGMLTensor, device: torch.device, policy: str
