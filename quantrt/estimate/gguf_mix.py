@@ -1,6 +1,8 @@
 """GGUF: per-tensor GGML types, read from a file's header or chosen by llama.cpp's rules
-for a "what if" file type such as Q4_K_M.  GGUF weights stay packed in memory, so what is
-loaded is what is on disk.
+for a "what if" file type such as Q4_K_M.  GGUF weights stay packed in memory, but the
+linear layers' blocks are repacked for the CUDA kernels (``layouts.GGML_ON_GPU``: Q5 and Q8
+types widened to 8-bit words, fp16 scale and bias per 32 values), so GPU bytes can exceed
+the file's.
 
 The mixing rule is llama.cpp's ``llama_tensor_get_type`` (src/llama-quant.cpp) restricted to
 the file types offered here and to Llama-family tensors; every deviation from the file
@@ -31,7 +33,7 @@ from typing import ClassVar, Mapping
 
 from quantrt.errors import ConfigError, FormatError
 from quantrt.estimate.arch import Weight
-from quantrt.estimate.layouts import Context, Layout, TensorSpec
+from quantrt.estimate.layouts import GGML_ON_GPU, GPU_PREFIX, Context, Layout, TensorSpec
 
 # file type -> default tensor type (llama_ftype_get_default_type)
 FILE_TYPES = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K",
@@ -120,6 +122,13 @@ def mixed_type(ftype: str, w: Weight, ctx: Context) -> str:
     return t
 
 
+def _weight(w: Weight, shape: tuple[int, ...], ggml_type: str) -> TensorSpec:
+    """A GGML weight: linear layers are repacked for the CUDA kernels (GGML_ON_GPU), the
+    embedding stays as stored (its rows are dequantized per lookup)."""
+    loaded = f"{GPU_PREFIX}{ggml_type}" if w.is_linear and ggml_type in GGML_ON_GPU else None
+    return TensorSpec("weight", shape, ggml_type, loaded)
+
+
 @dataclass(frozen=True)
 class GGUFMix(Layout):
     """A GGUF file llama.cpp's ``llama-quantize`` would write with file type ``ftype``."""
@@ -144,7 +153,7 @@ class GGUFMix(Layout):
         return True
 
     def tensors(self, w, shape, full_k, ctx):
-        out = [TensorSpec("weight", shape, mixed_type(self.ftype, w, ctx))]
+        out = [_weight(w, shape, mixed_type(self.ftype, w, ctx))]
         if w.bias:
             out.append(TensorSpec("bias", (shape[0],), "F32"))
         return out
@@ -176,7 +185,7 @@ class GGUFFile(Layout):
                           hint="its tensors do not match its own metadata")
 
     def tensors(self, w, shape, full_k, ctx):
-        out = [TensorSpec("weight", shape, self.type_of(w))]
+        out = [_weight(w, shape, self.type_of(w))]
         if w.bias:
             out.append(TensorSpec("bias", (shape[0],), self.type_of(w, "bias")))
         return out

@@ -35,10 +35,29 @@ TRITON_AUTOTUNE_BYTES = 256 << 20
 WQ_GROUP_SIZES = (32, 64, 128, 256)   # quant_kernels/wq_layout.GROUP_SIZES, or K
 
 
+# GGML linear weights on CUDA are repacked once at load for their fused kernels; bytes per
+# block of values there (tests/test_estimate_gguf_gpu.py checks these against the repack):
+# * quant_kernels/gguf_wq.to_wq (groups of 32): 4- or 8-bit words plus an fp16/bf16 scale
+#   and bias per group: Q4_0/Q4_1/Q4_K 16 + 4, Q5_0/Q5_1/Q5_K/Q8_0 widened to 32 + 4;
+# * quant_kernels/g16_layout.to_g16 (256 values): Q6_K as stored, Q3_K with its 3-bit values
+#   in nibbles, Q2_K with its scales and mins widened.
+GGML_ON_GPU = {"Q4_0": (32, 20), "Q4_1": (32, 20), "Q4_K": (32, 20), "Q5_0": (32, 36),
+               "Q5_1": (32, 36), "Q5_K": (32, 36), "Q8_0": (32, 36), "Q6_K": (256, 210),
+               "Q3_K": (256, 146), "Q2_K": (256, 164)}
+GPU_PREFIX = "cuda:"   # TensorSpec.loaded_dtype "cuda:Q4_K": the repacked GGML layout
+
+
 def nbytes(dtype: str, numel: int) -> int:
-    """Bytes of ``numel`` elements: torch dtype names, or GGML type names (Q4_K, F32...)."""
+    """Bytes of ``numel`` elements: torch dtype names, GGML type names (Q4_K, F32...), or
+    ``cuda:<GGML type>`` for a GGML linear weight as the CUDA kernels hold it."""
     if dtype in DTYPE_BYTES:
         return numel * DTYPE_BYTES[dtype]
+    if dtype.startswith(GPU_PREFIX):
+        ggml = dtype[len(GPU_PREFIX):]
+        if ggml in GGML_ON_GPU:
+            block, size = GGML_ON_GPU[ggml]
+            return cdiv(numel, block) * size
+        dtype = ggml  # kept as stored (dequantized per call)
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype]]
