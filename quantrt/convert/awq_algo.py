@@ -6,21 +6,15 @@ For every set of linears that share an input (q/k/v after the input norm, o afte
 shapes allow, gate/up after the post-attention norm, down after up):
 
 * scale search: s = mean|x|^a, or mean|x|^a / mean|w|^(1-a) with |w| relative to its
-  group's max (normalised so max*min = 1), for a on a grid in [0, 1); the a whose
-  Q(W diag(s)) diag(s)^-1 changes the output least over the calibration tokens wins
-  (a = 0 is plain RTN, so the search never does worse than RTN on them).  The output is
-  that of the module consuming the linears, as in AutoAWQ: the attention block for
-  q/k/v, the MLP for gate/up.  Scored on q/k/v's own outputs instead, the search
-  favoured large q/k outputs over what attention does with them: on SmolLM2-135M the
-  scales alone raised 4-bit perplexity by 16% over RTN's;
+  group's max (normalised so max*min = 1), for a on a grid in [0, 1);
+  the a that minimises ||x W^T - x (Q(W diag(s)) diag(s)^-1)^T|| over the calibration
+  tokens wins (a = 0 is plain RTN, so the search never does worse than RTN on them);
 * the winner is applied exactly: prev /= s (norm weight, or the rows of v / up), W *= s;
 * clip search: per output row and group, the range shrink in [0.5, 1] that minimises
   that group's output error; q/k are not clipped (their errors are amplified by the
   attention softmax, as the AWQ authors found).
 """
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -47,20 +41,13 @@ def _weight_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def search_scale(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int,
-                 scale_dtype, inspect: Callable[[list[torch.Tensor]], torch.Tensor] | None
-                 = None) -> torch.Tensor:
-    """Best per-input-channel scale s [K] for linears ``weights`` (each [N_i, K]) whose
-    inputs ``x`` [M, K] are samples of.  ``inspect(ws)``: the output to preserve when the
-    linears hold weights ``ws``; None: the linears' own outputs on ``x``.
+                 scale_dtype) -> torch.Tensor:
+    """Best per-input-channel scale s [K] for linears ``weights`` (each [N_i, K]).
 
     Two candidate families, as in the AWQ reference code: activation-only
     (s = mean|x|^a) and "duo" (s = mean|x|^a / mean|w/groupmax|^(1-a))."""
-    sizes = [w.shape[0] for w in weights]
     w = torch.cat(weights, dim=0).float()
-    if inspect is None:
-        def inspect(ws):
-            return x @ torch.cat(ws).t()
-    ref = inspect(list(w.split(sizes)))
+    ref = x @ w.t()
     x_mean = x.abs().mean(dim=0)
     w_mean = _weight_mean(w, group_size)
     best, best_s = float("inf"), torch.ones_like(x_mean)
@@ -71,7 +58,7 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         wq = fake_quant(w * s, bits, group_size, scale_dtype) / s
-        err = (inspect(list(wq.split(sizes))) - ref).pow(2).mean().item()
+        err = (x @ wq.t() - ref).pow(2).mean().item()
         if err < best:
             best, best_s = err, s
     return best_s
@@ -119,48 +106,25 @@ def _scale_prev(prev: nn.Module, s: torch.Tensor) -> None:
         prev.weight.div_(s)
 
 
-def _inspector(linears: list[nn.Linear], run: Callable[[], torch.Tensor]):
-    """``inspect(ws)`` for :func:`search_scale`: ``run()`` with ``ws`` in ``linears``."""
-    def inspect(ws):
-        saved = [m.weight.data for m in linears]
-        try:
-            for m, w in zip(linears, ws):
-                m.weight.data = w.to(m.weight.dtype)
-            out = run()
-        finally:
-            for m, w in zip(linears, saved):
-                m.weight.data = w
-        return (out[0] if isinstance(out, tuple) else out).float()
-    return inspect
-
-
 @torch.no_grad()
 def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], bits: int, group_size: int,
-              scale_dtype, attn: tuple[torch.Tensor, dict] | None = None) -> None:
+              scale_dtype) -> None:
     """Apply AWQ scales and clipping to one transformers decoder layer in place;
-    ``inputs`` maps linear names (``self_attn.q_proj``...) to sampled inputs [M, K].
-    ``attn``: (layer inputs [B, T, H] of whole sequences, ``self_attn`` keyword arguments)
-    to score q/k/v's scales on the attention output; None scores them on their outputs."""
+    ``inputs`` maps linear names (``self_attn.q_proj``...) to sampled inputs [M, K]."""
     mods = dict(layer.named_modules())
-    runs = {"mlp": lambda: mods["mlp"](inputs["mlp.gate_proj"])}
-    if attn is not None:
-        normed = mods["input_layernorm"](attn[0])
-        runs["self_attn"] = lambda: mods["self_attn"](normed, **attn[1])
-    plan = [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-             "self_attn"),
-            ("self_attn.v_proj", ["self_attn.o_proj"], None),
-            ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"], "mlp"),
-            ("mlp.up_proj", ["mlp.down_proj"], None)]
-    for prev_name, names, inspected in plan:
+    plan = [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+            ("self_attn.v_proj", ["self_attn.o_proj"]),
+            ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"]),
+            ("mlp.up_proj", ["mlp.down_proj"])]
+    for prev_name, names in plan:
         prev = mods.get(prev_name)
         if prev is None or any(n not in mods for n in names):
             continue
         linears = [mods[n] for n in names]
         if isinstance(prev, nn.Linear) and prev.weight.shape[0] != linears[0].weight.shape[1]:
             continue  # grouped-query attention: v's rows are not o's input channels
-        run = runs.get(inspected) if inspected in mods else None
         s = search_scale(inputs[names[0]], [m.weight for m in linears], bits, group_size,
-                         scale_dtype, run and _inspector(linears, run))
+                         scale_dtype)
         _scale_prev(prev, s)
         for m in linears:
             m.weight.mul_(s[None, :])

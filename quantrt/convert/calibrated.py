@@ -23,7 +23,6 @@ ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3For
 SEQUENTIAL = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 AWQ_TOKENS = 2048   # calibration rows kept per linear for AWQ's scale search (CPU-sized)
-AWQ_SEQS = 8        # whole sequences on which AWQ scores q/k/v's scales (attention output)
 BATCH = 4           # sequences per forward
 
 
@@ -88,19 +87,15 @@ class _Stop(Exception):
     forward would be wasted work (true-sequential GPTQ runs up to 4 partial forwards)."""
 
 
-def _layer_kwargs(pe, batch: int) -> dict:
-    # No mask: sdpa attention is then causal, which is all a window of text needs.
-    return dict(attention_mask=None, position_embeddings=(pe[0].expand(batch, -1, -1),
-                                                          pe[1].expand(batch, -1, -1)))
-
-
 def _forward(layer, hidden: torch.Tensor, pe) -> torch.Tensor | None:
     out = []
     for b in range(0, hidden.shape[0], BATCH):
         h = hidden[b:b + BATCH]
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
         try:
-            r = layer(h, position_ids=pos, **_layer_kwargs(pe, h.shape[0]))
+            r = layer(h, attention_mask=None, position_ids=pos,
+                      position_embeddings=(pe[0].expand(h.shape[0], -1, -1),
+                                           pe[1].expand(h.shape[0], -1, -1)))
         except _Stop:
             continue
         out.append(r[0] if isinstance(r, tuple) else r)
@@ -177,9 +172,7 @@ def _quantize_layer(req: ConvertRequest, layer, hidden, pe, scale_dtype) -> dict
 
     col = _Collector(layer, linears, "awq", 0, batches=-(-hidden.shape[0] // BATCH))
     _forward(layer, hidden, pe)
-    seqs = hidden[:AWQ_SEQS]
-    awq_layer(layer, col.result(), req.bits, req.group_size, scale_dtype,
-              attn=(seqs, _layer_kwargs(pe, seqs.shape[0])))
+    awq_layer(layer, col.result(), req.bits, req.group_size, scale_dtype)
     for n in linears:
         w = mods[n].weight
         iw = rtn(w.float(), req.bits, req.group_size, False, scale_dtype)
