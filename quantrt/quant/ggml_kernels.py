@@ -165,79 +165,101 @@ class DequantKernel(GGMLKernel):
         return F.linear(x, self.raw.to_float(x.dtype))
 
 
-class TritonWQKernel(GGMLKernel):
-    """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K repacked once into the common integer layout and
-    run by the fused Triton dequant-matmul (quant_kernels/gguf_wq.py)."""
+class _RepackedTritonKernel(GGMLKernel):
+    """A GGML weight repacked once at load into a fused Triton kernel's layout; subclasses
+    name the layout: the GGML types it takes, the repack and the matmul."""
 
-    name = "triton-wq (fused dequant-matmul)"
     reads_raw = False
+    missing: ClassVar[str]   # what a refused type lacks, for the reason
+
+    @staticmethod
+    @abstractmethod
+    def supported() -> tuple:
+        """The GGML types the layout takes (importing the kernels lazily)."""
+
+    @abstractmethod
+    def repack(self, w: GGMLTensor) -> object:
+        """``w`` in the kernel's layout, on the CPU."""
+
+    @abstractmethod
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` with x in ``self.act_dtype``."""
 
     @classmethod
     def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
-        from quant_kernels import gguf_wq, triton_wq
+        from quant_kernels import triton_wq
 
         why = fast_kernel_refusal(policy, device, "cuda")
         if why:
             return False, why
         if not triton_wq.HAS_TRITON:
             return False, "triton is not installed"
-        if w.ggml_type not in gguf_wq.SUPPORTED:
-            return False, (f"{w.type_name} has no WQWeight layout (fused: "
-                           f"{', '.join(t.name for t in gguf_wq.SUPPORTED)})")
+        types = cls.supported()
+        if w.ggml_type not in types:
+            return False, (f"{w.type_name} has no {cls.missing} (fused: "
+                           f"{', '.join(t.name for t in types)})")
         return True, ""
 
     def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
-        from quant_kernels import gguf_wq
-
-        # the kernels take fp16/bf16 activations; an fp32 model gets fp16 scales
+        # the kernels take fp16/bf16 activations; an fp32 model runs them in fp16
         self.act_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-        self.wq = gguf_wq.to_wq(w.data, w.ggml_type, w.shape[1], self.act_dtype).to(device)
+        self.w = self.repack(w).to(device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.act_dtype:
+            return self.matmul(x)
+        return self.matmul(x.to(self.act_dtype)).to(x.dtype)
+
+
+class TritonWQKernel(_RepackedTritonKernel):
+    """Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K repacked once into the common integer layout and
+    run by the fused Triton dequant-matmul (quant_kernels/gguf_wq.py)."""
+
+    name = "triton-wq (fused dequant-matmul)"
+    missing = "WQWeight layout"
+
+    @staticmethod
+    def supported() -> tuple:
+        from quant_kernels import gguf_wq
+
+        return gguf_wq.SUPPORTED
+
+    def repack(self, w: GGMLTensor):
+        from quant_kernels import gguf_wq
+
+        return gguf_wq.to_wq(w.data, w.ggml_type, w.shape[1], self.act_dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         from quant_kernels.triton_wq import wq_matmul
 
-        if x.dtype == self.act_dtype:
-            return wq_matmul(x, self.wq)
-        return wq_matmul(x.to(self.act_dtype), self.wq).to(x.dtype)
+        return wq_matmul(x, self.w)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.wq.qweight, self.wq.scales, self.wq.bias) if t is not None]
+        return [self.w.qweight, self.w.scales, self.w.bias]
 
 
-class TritonG16Kernel(GGMLKernel):
+class TritonG16Kernel(_RepackedTritonKernel):
     """Q6_K/Q3_K/Q2_K (a scale per 16 values) repacked once (quant_kernels/g16_layout.py)
     and run by their own fused Triton dequant-matmul (quant_kernels/triton_g16.py)."""
 
     name = "triton-g16 (fused dequant-matmul, 16-value sub-blocks)"
-    reads_raw = False
+    missing = "16-value sub-blocks"
 
-    @classmethod
-    def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
-        from quant_kernels import g16_layout, triton_g16
-
-        why = fast_kernel_refusal(policy, device, "cuda")
-        if why:
-            return False, why
-        if not triton_g16.HAS_TRITON:
-            return False, "triton is not installed"
-        if w.ggml_type not in g16_layout.SUPPORTED:
-            return False, (f"{w.type_name} has no 16-value sub-blocks (fused: "
-                           f"{', '.join(t.name for t in g16_layout.SUPPORTED)})")
-        return True, ""
-
-    def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
+    @staticmethod
+    def supported() -> tuple:
         from quant_kernels import g16_layout
 
-        # the kernels take fp16/bf16 activations; an fp32 model runs them in fp16
-        self.act_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-        self.w = g16_layout.to_g16(w.data, w.ggml_type, w.shape[1]).to(device)
+        return g16_layout.SUPPORTED
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def repack(self, w: GGMLTensor):
+        from quant_kernels import g16_layout
+
+        return g16_layout.to_g16(w.data, w.ggml_type, w.shape[1])
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
         from quant_kernels.triton_g16 import g16_matmul
 
-        if x.dtype == self.act_dtype:
-            return g16_matmul(x, self.w)
-        return g16_matmul(x.to(self.act_dtype), self.w).to(x.dtype)
+        return g16_matmul(x, self.w)
 
     def tensors(self) -> list[torch.Tensor]:
         return self.w.tensors()
