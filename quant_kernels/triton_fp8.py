@@ -41,7 +41,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
+
+from . import matmul_front as front
 
 try:
     from . import triton_fp8_kernels as _k
@@ -55,7 +56,6 @@ DECODE_MAX_M = 16
 # integer formats dequant + cuBLAS won from M = 512 on the H100; FP8's conversion is
 # cheaper than int4 unpacking, so the fused GEMM should hold out longer.
 DEQUANT_GEMM_MIN_M = 1024
-ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -134,17 +134,13 @@ def fp8_reference(x: torch.Tensor, w: Fp8Weight) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _uses_triton(x: torch.Tensor) -> bool:
-    return HAS_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
-
-
 def _matmul_2d(x: torch.Tensor, w: Fp8Weight, out: torch.Tensor | None) -> torch.Tensor:
     m = x.shape[0]
     if out is None:
         out = torch.empty(m, w.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    if not _uses_triton(x):
+    if not front.uses_triton(x, HAS_TRITON):
         return out.copy_(fp8_reference(x, w))
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -176,32 +172,12 @@ def _fp8_matmul_fake(x, q, scales, block_n, block_k):
 
 
 def fp8_matmul(x: torch.Tensor, w: Fp8Weight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x[..., K] @ W.T`` -> ``[..., N]`` in x.dtype (fp16/bf16), fp32 accumulation.
-
-    ``out`` (shape [..., N], dtype x.dtype) is written in place, outside the custom op.
-    Eager calls and CUDA-graph captures launch directly (the op's dispatch costs more host
-    time than a decode GEMV); tracing goes through ``torch.ops.quantrt.fp8_matmul``.
-    """
-    if x.dim() < 1 or x.shape[-1] != w.k:
-        raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., K={w.k}]")
-    if x.dtype not in ACT_DTYPES:
-        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.device != w.device:
-        raise ValueError(f"x is on {x.device}, the weight on {w.device}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    if out is None:
-        if torch.compiler.is_compiling() or is_fake(x2):
-            bn, bk = w.block or (0, 0)
-            y = torch.ops.quantrt.fp8_matmul(x2, w.q, w.scales, bn, bk)
-        else:
-            y = _matmul_2d(x2, w, None)
-        return y.reshape(*lead, w.n)
-    if tuple(out.shape) != (*lead, w.n) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {x.dtype} [{', '.join(map(str, (*lead, w.n)))}] "
-                         f"on {x.device}, got {out.dtype} {list(out.shape)} on {out.device}")
-    _matmul_2d(x2, w, out.view(-1, w.n))
-    return out
+    """``x[..., K] @ W.T`` -> ``[..., N]`` in x.dtype (fp16/bf16), fp32 accumulation;
+    ``out`` (shape [..., N], dtype x.dtype) is written in place (see ``matmul_front``)."""
+    bn, bk = w.block or (0, 0)
+    return front.matmul(
+        x, w.k, w.n, w.device, out, lambda x2, o: _matmul_2d(x2, w, o),
+        lambda x2: torch.ops.quantrt.fp8_matmul(x2, w.q, w.scales, bn, bk))
 
 
 __all__ = ["Fp8Weight", "pack_fp8", "fp8_matmul", "fp8_reference", "dequant_matmul",

@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
+from . import matmul_front as front
 from .g16_layout import G16Weight, dequantize_g16, g16_reference, to_g16  # noqa: F401
 
 try:
@@ -46,7 +46,6 @@ GEMM_M_CAP = 4096
 # 120 / 134 on 4096x14336 / 8192x8192, lost 47 / 159 against 33 / 126 on the other two)
 # and lost at M = 256 on every shape
 DEQUANT_GEMM_MIN_M = 128
-ACT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -225,17 +224,13 @@ def dequantize(w: G16Weight, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _uses_triton(x: torch.Tensor) -> bool:
-    return HAS_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
-
-
 def _matmul_2d(x: torch.Tensor, w: G16Weight, out: torch.Tensor | None) -> torch.Tensor:
     m = x.shape[0]
     if out is None:
         out = torch.empty(m, w.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    if not _uses_triton(x):
+    if not front.uses_triton(x, HAS_TRITON):
         return out.copy_(g16_reference(x, w))
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -266,38 +261,13 @@ def _g16_matmul_fake(x, qlo, qhi, sc, d, mn, dmin, k, zero):
     return x.new_empty((x.shape[0], qlo.shape[0]))
 
 
-def _check_inputs(x: torch.Tensor, w: G16Weight) -> None:
-    if x.dim() < 1 or x.shape[-1] != w.k:
-        raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., K={w.k}]")
-    if x.dtype not in ACT_DTYPES:
-        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.device != w.device:
-        raise ValueError(f"x is on {x.device}, the weight on {w.device}")
-
-
 def g16_matmul(x: torch.Tensor, w: G16Weight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x[..., K] @ W.T`` -> ``[..., N]`` in x.dtype, fp32 accumulation.
-
-    ``out`` (shape [..., N], dtype x.dtype) is written in place, outside the custom op
-    (an op with ``mutates_args=()`` may not write into a caller's buffer).
-    """
-    _check_inputs(x, w)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    if out is None:
-        if torch.compiler.is_compiling() or is_fake(x2):  # tracing: the op has a fake impl
-            y = torch.ops.quantrt.g16_matmul(x2, w.qlo, w.qhi, w.sc, w.d, w.mn, w.dmin,
-                                             w.k, w.zero)
-        else:
-            # eager calls and CUDA-graph captures skip the op's dispatch cost (more host
-            # time than a decode GEMV) and keep ``w.plans``
-            y = _matmul_2d(x2, w, None)
-        return y.reshape(*lead, w.n)
-    if tuple(out.shape) != (*lead, w.n) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {x.dtype} [{', '.join(map(str, (*lead, w.n)))}] "
-                         f"on {x.device}, got {out.dtype} {list(out.shape)} on {out.device}")
-    _matmul_2d(x2, w, out.view(-1, w.n))
-    return out
+    """``x[..., K] @ W.T`` -> ``[..., N]`` in x.dtype, fp32 accumulation; ``out`` (shape
+    [..., N], dtype x.dtype) is written in place (see ``matmul_front``)."""
+    return front.matmul(
+        x, w.k, w.n, w.device, out, lambda x2, o: _matmul_2d(x2, w, o),
+        lambda x2: torch.ops.quantrt.g16_matmul(x2, w.qlo, w.qhi, w.sc, w.d, w.mn, w.dmin,
+                                                w.k, w.zero))
 
 
 __all__ = ["G16Weight", "to_g16", "g16_matmul", "g16_reference", "dequantize_g16",

@@ -31,8 +31,8 @@ from __future__ import annotations
 import os
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
+from . import matmul_front as front
 from .wq_layout import (WQWeight, dequantize_wq, m_bucket, pack_wq,  # noqa: F401
                         perm_from_g_idx, unpack_q, wq_reference)
 
@@ -50,29 +50,13 @@ DECODE_MAX_M = 16
 # (scripts/sweep_wq.py, BENCHMARKS.md: 8192x8192 M=512 154.7 us vs 168.6 us); at M = 256
 # the fused kernel still won on three of the four shapes.
 DEQUANT_GEMM_MIN_M = 512
-ACT_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _uses_triton(x: torch.Tensor) -> bool:
-    return HAS_TRITON and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
-
-
-def _check_inputs(x: torch.Tensor, w: WQWeight) -> None:
-    if x.dim() < 1 or x.shape[-1] != w.k:
-        raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., K={w.k}]")
-    if x.dtype not in ACT_DTYPES:
-        raise ValueError(f"x must be float16 or bfloat16, got {x.dtype}")
-    if x.device != w.device:
-        raise ValueError(f"x is on {x.device}, the weight on {w.device}")
-
-
 def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.Tensor:
     m = x.shape[0]
     if out is None:
         out = torch.empty(m, w.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    if not _uses_triton(x):
+    if not front.uses_triton(x, HAS_TRITON):
         return out.copy_(wq_reference(x, w))
     if w.perm is not None:
         x = x.index_select(1, w.perm)
@@ -138,29 +122,13 @@ def _wq_matmul_fake(x, qweight, scales, bias, perm, k, group_size, bits):
 
 
 def wq_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x[..., K] @ W.T`` -> ``[..., N]`` in x.dtype, fp32 accumulation.
-
-    ``out`` (shape [..., N], dtype x.dtype) is written in place, outside the custom op
-    (an op with ``mutates_args=()`` may not write into a caller's buffer).
-    """
-    _check_inputs(x, w)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.k)
-    if out is None:
-        if torch.compiler.is_compiling() or is_fake(x2):  # tracing: the op has a fake impl
-            y = torch.ops.quantrt.wq_matmul(x2, w.qweight, w.scales, w.bias, w.perm, w.k,
-                                            w.group_size, w.bits)
-        else:
-            # Eager calls (and CUDA-graph captures) skip the custom op: its dispatch costs
-            # more host time than a decode GEMV, and calling through keeps ``w.plans``.
-            y = _matmul_2d(x2, w, None)
-        return y.reshape(*lead, w.n)
-    if tuple(out.shape) != (*lead, w.n) or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be {x.dtype} [{', '.join(map(str, (*lead, w.n)))}] "
-                         f"on {x.device}, got {out.dtype} {list(out.shape)} on {out.device}")
-    out2 = out.view(-1, w.n)  # raises if out cannot be viewed as [M, N]
-    _matmul_2d(x2, w, out2)
-    return out
+    """``x[..., K] @ W.T`` -> ``[..., N]`` in x.dtype, fp32 accumulation; ``out`` (shape
+    [..., N], dtype x.dtype) is written in place.  Eager calls launch directly, which also
+    keeps ``w.plans`` (see ``matmul_front``)."""
+    return front.matmul(
+        x, w.k, w.n, w.device, out, lambda x2, o: _matmul_2d(x2, w, o),
+        lambda x2: torch.ops.quantrt.wq_matmul(x2, w.qweight, w.scales, w.bias, w.perm, w.k,
+                                               w.group_size, w.bits))
 
 
 __all__ = ["WQWeight", "pack_wq", "wq_reference", "wq_matmul", "dequant_matmul",
