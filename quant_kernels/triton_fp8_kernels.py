@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
-                             device_fn, launch_tuned, mma, split_locks, splitk_store,
-                             splitk_workspace)
+                             device_fn, grouped_tile, launch_tuned, mma, split_locks,
+                             split_range, splitk_store, splitk_workspace)
 from .wq_layout import m_bucket, next_pow2, num_sms
 
 if TYPE_CHECKING:
@@ -86,11 +86,7 @@ def _fp8_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
-    # this split's K tiles; the last splits may get none and then contribute zeros
-    num_kt = tl.cdiv(K, BLOCK_K)
-    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt_lo = pid_k * kt_per_split
-    kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
+    kt_lo, kt_hi = split_range(pid_k, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K
@@ -131,23 +127,14 @@ def _fp8_gemm_kernel(
     # so each weight tile is read from DRAM once and from L2 by the others.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    num_kt = tl.cdiv(K, BLOCK_K)
-    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt_lo = pid_k * kt_per_split
-    kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
+    kt_lo, kt_hi = split_range(pid_k, K, BLOCK_K, SPLIT_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):
         k0 = kt * BLOCK_K

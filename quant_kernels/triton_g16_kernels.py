@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .g16_layout import TYPES, ptx_f16
-from .triton_wq_tile import device_fn, mma, splitk_store
+from .triton_wq_tile import device_fn, grouped_tile, mma, split_range, splitk_store
 
 # one recipe per (has the high pair, zero): Q6_K, Q3_K, Q2_K
 ASM_HI = tl.constexpr(ptx_f16(True, TYPES[next(t for t in TYPES if TYPES[t][2])][1]))
@@ -208,10 +208,7 @@ def _g16_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_w = tl.arange(0, BLOCK_K // 8)
-    num_kt = tl.cdiv(K, BLOCK_K)
-    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt_lo = pid_k * kt_per_split
-    kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)  # the last splits may get no tile
+    kt_lo, kt_hi = split_range(pid_k, K, BLOCK_K, SPLIT_K)  # the last splits may get none
 
     if BLOCK_M == 1:
         if HAS_HI:
@@ -287,23 +284,13 @@ def _g16_gemm_kernel(
     # weight tile's words come from L2 for all but the first of them
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    offs_w = tl.arange(0, BLOCK_K // 8)
-    num_kt = tl.cdiv(K, BLOCK_K)
-    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt_lo = pid_k * kt_per_split
-    kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
+    kt_lo, kt_hi = split_range(pid_k, K, BLOCK_K, SPLIT_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):

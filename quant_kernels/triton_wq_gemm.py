@@ -21,8 +21,9 @@ import triton.language as tl
 
 from .triton_wq_gemv import interpret_tiles
 from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
-                             dequant_tile, dequant_tile_fast, fast_dequant_ok, launch_tuned,
-                             load_tile, mma, split_locks, splitk_store, splitk_workspace)
+                             dequant_tile, dequant_tile_fast, fast_dequant_ok, grouped_tile,
+                             launch_tuned, load_tile, mma, split_locks, split_range,
+                             splitk_store, splitk_workspace)
 from .wq_layout import WQWeight, k_tile_ok, m_bucket, num_sms, wide_tile_ok
 
 GEMM_M_CAP = 4096  # autotune buckets above this reuse the 4096 choice
@@ -47,23 +48,14 @@ def _wq_gemm_kernel(
     # next N tile, so a weight tile is reused from L2 by GROUP_M programs.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    num_kt = tl.cdiv(K, BLOCK_K)
-    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt_lo = pid_k * kt_per_split
-    kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
+    kt_lo, kt_hi = split_range(pid_k, K, BLOCK_K, SPLIT_K)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kt in range(kt_lo, kt_hi):

@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N,  # noqa: F401
-                             autotune_kwargs, dequant_tile, dequant_tile_fast, device_fn,
+                             autotune_kwargs, dequant_tile, dequant_tile_fast,
                              fast_dequant_ok, launch_tuned, load_tile, mma, split_locks,
-                             splitk_store, splitk_workspace, unpack_unit)
+                             split_range, splitk_store, splitk_workspace, unpack_unit)
 from .wq_layout import (WQWeight, k_tile_ok, m_bucket, num_sms,  # noqa: F401
                         wide_tile_ok, widest_k_tiles)
 
@@ -53,11 +53,7 @@ def _wq_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    # this split's K tiles; the last splits may get none and then write zeros
-    num_kt = tl.cdiv(K, BLOCK_K)
-    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt_lo = pid_k * kt_per_split
-    kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
+    kt_lo, kt_hi = split_range(pid_k, K, BLOCK_K, SPLIT_K)
 
     if BLOCK_M == 1:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .triton_wq_tile import (INTERPRET, autotune_kwargs, device_fn, launch_tuned,
-                             splitk_store, splitk_workspace, split_locks)
+                             split_range, splitk_store, splitk_workspace, split_locks)
 from .wq_layout import WQWeight, k_tile_ok, next_pow2, num_sms
 
 
@@ -163,10 +163,7 @@ def _wq_gemv1_kernel(
     TILE_K: tl.constexpr = BLOCK_K * NSUB
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    num_kt = tl.cdiv(K, TILE_K)
-    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
-    kt_lo = pid_k * kt_per_split
-    kt_hi = tl.minimum(kt_lo + kt_per_split, num_kt)
+    kt_lo, kt_hi = split_range(pid_k, K, TILE_K, SPLIT_K)
     # activation pairs: int32 j of the row holds x[2j] (low half) and x[2j + 1]
     xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     n_pairs = K // 2  # K is even (the wrapper checks)

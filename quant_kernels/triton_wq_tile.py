@@ -203,6 +203,31 @@ def dequant_tile_fast(words, s, b, BITS: tl.constexpr, DTYPE: tl.constexpr,
 
 
 @device_fn
+def split_range(pid_k, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[kt_lo, kt_hi): the K tiles of split ``pid_k`` (the last splits may get none and
+    then contribute zeros)."""
+    num_kt = tl.cdiv(K, BLOCK_K)
+    kt_per_split = tl.cdiv(num_kt, SPLIT_K)
+    kt_lo = pid_k * kt_per_split
+    return kt_lo, tl.minimum(kt_lo + kt_per_split, num_kt)
+
+
+@device_fn
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``pid``: GROUP_M consecutive programs walk down a
+    column of M tiles before the next N tile, so each weight tile read from DRAM is reused
+    from L2 by the others."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return (first_pid_m + ((pid % num_pid_in_group) % group_size_m),
+            (pid % num_pid_in_group) // group_size_m)
+
+
+@device_fn
 def splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, ws_offs, mask, MN, tile,
                  SPLIT_K: tl.constexpr):
     """Split-K epilogue in the same launch: write this split's fp32 partial, count the
