@@ -22,7 +22,7 @@ more exact than expanding ``q * s`` to fp16 first (one rounding per weight less)
   there; quantized weights never hold them.
 * Decode (M <= 16): weight-stationary ``tl.dot(W_tile, x_tile^T)`` with M padded to 16
   ("swap AB": weight rows on the MMA's M side), split K so that small N fills the GPU;
-  the last split to finish sums the fp32 partials in the same launch (``splitk_store``).
+  the last split to finish sums the fp32 partials in the same launch (``store_tile``).
 * GEMM (16 < M < DEQUANT_GEMM_MIN_M): x-stationary tiles, GROUP_M swizzle, split K for
   small grids.
 * M >= DEQUANT_GEMM_MIN_M: the weight is expanded once to x.dtype by a Triton kernel and

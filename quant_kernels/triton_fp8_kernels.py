@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
                              device_fn, grouped_tile, launch_tuned, mma, split_locks,
-                             split_range, splitk_store, splitk_workspace)
+                             split_range, store_tile, splitk_workspace)
 from .wq_layout import m_bucket, next_pow2, num_sms
 
 if TYPE_CHECKING:
@@ -106,11 +106,8 @@ def _fp8_gemv_kernel(
         acc = acc * SCALE_MUL
     mask = n_mask[:, None] & m_mask[None, :]
     out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[None, :] * N + offs_n[:, None],
-                     mask, M * N, pid_n, SPLIT_K)
+    store_tile(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[None, :] * N + offs_n[:, None], mask, M * N,
+               pid_n, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -155,11 +152,8 @@ def _fp8_gemm_kernel(
         acc = acc * SCALE_MUL
     mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[:, None] * N + offs_n[None, :],
-                     mask, M * N, pid, SPLIT_K)
+    store_tile(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[:, None] * N + offs_n[None, :], mask, M * N,
+               pid, SPLIT_K)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ instead of ~9, with ``s`` and ``b`` rounded to fp16 first: ~2^-11 relative).
   same tile dequant; small grids split K.
 * dequant (``_g16_dequant_kernel``): the dense weight in fp16/bf16 for cuBLAS at large M.
 
-Split-K partials use triton_wq_tile's one-launch epilogue (``splitk_store``).
+Split-K partials use triton_wq_tile's one-launch epilogue (``store_tile``).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .g16_layout import TYPES, ptx_f16
-from .triton_wq_tile import device_fn, grouped_tile, mma, split_range, splitk_store
+from .triton_wq_tile import device_fn, grouped_tile, mma, split_range, store_tile
 
 # one recipe per (has the high pair, zero): Q6_K, Q3_K, Q2_K
 ASM_HI = tl.constexpr(ptx_f16(True, TYPES[next(t for t in TYPES if TYPES[t][2])][1]))
@@ -241,10 +241,7 @@ def _g16_gemv_kernel(
             acc += tl.sum(S * (fx - OFF * sx[None, :]) + b * sx[None, :], axis=1)
             lo, hi, S, b = nlo, nhi, nS, nb
         out_ptrs = out_ptr + offs_n * stride_on
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-        else:
-            splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_n, n_mask, M * N, pid_n, SPLIT_K)
+        store_tile(acc, ws_ptr, lock_ptr, out_ptrs, offs_n, n_mask, M * N, pid_n, SPLIT_K)
     else:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
@@ -263,11 +260,8 @@ def _g16_gemv_kernel(
             acc = mma(w, xt, acc)
         mask = n_mask[:, None] & m_mask[None, :]
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[None, :] * N + offs_n[:, None],
-                         mask, M * N, pid_m * tl.num_programs(0) + pid_n, SPLIT_K)
+        store_tile(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[None, :] * N + offs_n[:, None], mask,
+                   M * N, pid_m * tl.num_programs(0) + pid_n, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
@@ -308,11 +302,8 @@ def _g16_gemm_kernel(
 
     mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[:, None] * N + offs_n[None, :],
-                     mask, M * N, pid, SPLIT_K)
+    store_tile(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[:, None] * N + offs_n[None, :], mask, M * N,
+               pid, SPLIT_K)
 
 
 @triton.jit

@@ -23,7 +23,7 @@ from .triton_wq_gemv import interpret_tiles
 from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
                              dequant_tile, dequant_tile_fast, fast_dequant_ok, grouped_tile,
                              launch_tuned, load_tile, mma, split_locks, split_range,
-                             splitk_store, splitk_workspace)
+                             store_tile, splitk_workspace)
 from .wq_layout import WQWeight, k_tile_ok, m_bucket, num_sms, wide_tile_ok
 
 GEMM_M_CAP = 4096  # autotune buckets above this reuse the 4096 choice
@@ -74,11 +74,8 @@ def _wq_gemm_kernel(
 
     mask = m_mask[:, None] & n_mask[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[:, None] * N + offs_n[None, :],
-                     mask, M * N, pid, SPLIT_K)
+    store_tile(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[:, None] * N + offs_n[None, :], mask, M * N,
+               pid, SPLIT_K)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton.language as tl
 from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N,  # noqa: F401
                              autotune_kwargs, dequant_tile, dequant_tile_fast,
                              fast_dequant_ok, launch_tuned, load_tile, mma, split_locks,
-                             split_range, splitk_store, splitk_workspace, unpack_unit)
+                             split_range, store_tile, splitk_workspace, unpack_unit)
 from .wq_layout import (WQWeight, k_tile_ok, m_bucket, num_sms,  # noqa: F401
                         wide_tile_ok, widest_k_tiles)
 
@@ -81,11 +81,8 @@ def _wq_gemv_kernel(
                 sx = tl.sum(x, axis=0)  # one scalar per tile, shared by every row
                 acc += s.to(tl.float32) * (1 << BITS) * (fx - sx) + b.to(tl.float32) * sx
             words, s, b = nxt_words, nxt_s, nxt_b
-        if SPLIT_K == 1:
-            tl.store(out_ptr + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
-        else:
-            splitk_store(acc, ws_ptr, lock_ptr, out_ptr + offs_n * stride_on, offs_n, n_mask,
-                         M * N, pid_n, SPLIT_K)
+        store_tile(acc, ws_ptr, lock_ptr, out_ptr + offs_n * stride_on, offs_n, n_mask, M * N,
+                   pid_n, SPLIT_K)
     else:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
@@ -105,11 +102,8 @@ def _wq_gemv_kernel(
             acc = mma(w, xt, acc)
         mask = n_mask[:, None] & m_mask[None, :]
         out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[None, :] * N + offs_n[:, None],
-                         mask, M * N, pid_m * tl.num_programs(0) + pid_n, SPLIT_K)
+        store_tile(acc, ws_ptr, lock_ptr, out_ptrs, offs_m[None, :] * N + offs_n[:, None], mask,
+                   M * N, pid_m * tl.num_programs(0) + pid_n, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- tuning

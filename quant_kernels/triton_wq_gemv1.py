@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .triton_wq_tile import (INTERPRET, autotune_kwargs, device_fn, launch_tuned,
-                             split_range, splitk_store, splitk_workspace, split_locks)
+                             split_range, store_tile, splitk_workspace, split_locks)
 from .wq_layout import WQWeight, k_tile_ok, next_pow2, num_sms
 
 
@@ -190,11 +190,8 @@ def _wq_gemv1_kernel(
                             BLOCK_N, BLOCK_K, NSUB)
             words, s, b = nw, ns, nb
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + offs_n * stride_on, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        splitk_store(total, ws_ptr, lock_ptr, out_ptr + offs_n * stride_on, offs_n, n_mask,
-                     N, pid_n, SPLIT_K)
+    store_tile(total, ws_ptr, lock_ptr, out_ptr + offs_n * stride_on, offs_n, n_mask, N, pid_n,
+               SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- tuning

@@ -17,7 +17,7 @@ so activations are read with plain contiguous loads.  Two ways:
   FMA ``f * s 2**b + (b - s 2**b)`` and a cast.
 
 Split-K: each split writes fp32 partials to ``ws[s, M, N]``; the last split of a tile to
-arrive sums them in split order (``splitk_store``: deterministic, one launch).
+arrive sums them in split order (``store_tile``: deterministic, one launch).
 """
 from __future__ import annotations
 
@@ -228,23 +228,27 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @device_fn
-def splitk_store(acc, ws_ptr, lock_ptr, out_ptrs, ws_offs, mask, MN, tile,
-                 SPLIT_K: tl.constexpr):
-    """Split-K epilogue in the same launch: write this split's fp32 partial, count the
+def store_tile(acc, ws_ptr, lock_ptr, out_ptrs, ws_offs, mask, MN, tile,
+               SPLIT_K: tl.constexpr):
+    """Every kernel's epilogue: without split-K, cast and store the tile.  With it, in the
+    same launch: write this split's fp32 partial to ``ws[split]`` at ``ws_offs``, count the
     tile's arrivals, and the last split to arrive sums all partials in split order
     (deterministic), writes the output and re-arms the counter (no second kernel, no
     zero-fill)."""
-    tl.store(ws_ptr + tl.program_id(1) * MN + ws_offs, acc, mask=mask)
-    tl.debug_barrier()  # every thread's partial is issued before the release below
-    count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if count == SPLIT_K - 1:
-        total = tl.zeros_like(acc)
-        for sk in tl.static_range(SPLIT_K):
-            # .cg: read the other programs' partials from L2, never a stale L1 line
-            total += tl.load(ws_ptr + sk * MN + ws_offs, mask=mask, other=0.0,
-                             cache_modifier=".cg")
-        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(lock_ptr + tile, 0)
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ws_ptr + tl.program_id(1) * MN + ws_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is issued before the release below
+        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if count == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for sk in tl.static_range(SPLIT_K):
+                # .cg: read the other programs' partials from L2, never a stale L1 line
+                total += tl.load(ws_ptr + sk * MN + ws_offs, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
 
 
 # ----------------------------------------------------------------------------- tuning
