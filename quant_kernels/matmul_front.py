@@ -23,6 +23,28 @@ def uses_triton(x: torch.Tensor, has_triton: bool) -> bool:
     return has_triton and (x.is_cuda or (INTERPRET and x.device.type == "cpu"))
 
 
+def by_rows(x: torch.Tensor, n: int, out: torch.Tensor | None, has_triton: bool,
+            reference: Callable[[torch.Tensor], torch.Tensor], decode, gemm, dense,
+            decode_max_m: int, dense_min_m: int) -> torch.Tensor:
+    """``out[M, N]`` for a 2-D ``x``: the torch ``reference`` where Triton does not run,
+    else ``decode`` up to ``decode_max_m`` rows, ``gemm`` below ``dense_min_m``, ``dense``
+    (dequantize + cuBLAS) from there; each takes ``(x, out)``."""
+    m = x.shape[0]
+    if out is None:
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m == 0:
+        return out
+    if not uses_triton(x, has_triton):
+        return out.copy_(reference(x))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if m <= decode_max_m:
+        return decode(x, out)
+    if m < dense_min_m:
+        return gemm(x, out)
+    return dense(x, out)
+
+
 def check_activations(x: torch.Tensor, k: int, device: torch.device) -> None:
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., K={k}]")

@@ -225,20 +225,9 @@ def dequantize(w: G16Weight, dtype: torch.dtype) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- dispatch
 def _matmul_2d(x: torch.Tensor, w: G16Weight, out: torch.Tensor | None) -> torch.Tensor:
-    m = x.shape[0]
-    if out is None:
-        out = torch.empty(m, w.n, device=x.device, dtype=x.dtype)
-    if m == 0:
-        return out
-    if not front.uses_triton(x, HAS_TRITON):
-        return out.copy_(g16_reference(x, w))
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if m <= DECODE_MAX_M:
-        return gemv(x, w, out)
-    if m < DEQUANT_GEMM_MIN_M:
-        return gemm(x, w, out)
-    return dequant_matmul(x, w, out)
+    return front.by_rows(x, w.n, out, HAS_TRITON, lambda x: g16_reference(x, w),
+                         lambda x, o: gemv(x, w, o), lambda x, o: gemm(x, w, o),
+                         lambda x, o: dequant_matmul(x, w, o), DECODE_MAX_M, DEQUANT_GEMM_MIN_M)
 
 
 def dequant_matmul(x: torch.Tensor, w: G16Weight, out: torch.Tensor | None = None
