@@ -33,6 +33,7 @@ from quant_kernels.g16_layout import dequantize_g16, g16_reference, to_g16  # no
 
 triton = pytest.importorskip("triton")
 from quant_kernels import triton_g16 as tg  # noqa: E402
+from tests.ptx_interp import half_value, round16, run_ptx  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 D_FIELDS = {Q.Q6_K: [208], Q.Q3_K: [108], Q.Q2_K: [80, 82]}  # fp16 d (and dmin) offsets
@@ -204,46 +205,6 @@ def test_gemv_pruner(m, n, k):
     assert any(c.kwargs["BLOCK_M"] == 1 for c in kept) == (m == 1)
 
 
-def _f16(bits: int) -> float:
-    return float(np.array(bits & 0xFFFF, dtype=np.uint16).view(np.float16))
-
-
-def _to_f16(v: float) -> int:
-    return int(np.array(v, dtype=np.float16).view(np.uint16))
-
-
-def _run_ptx(asm: str, regs: dict) -> dict:
-    """Interpret the straight-line PTX of g16_layout.ptx_f16 on Python ints."""
-    def val(t):
-        return int(t, 16) if t.startswith("0x") else int(t) if t.isdigit() else regs[t]
-    for stmt in asm.strip("{}").replace("\n", ";").split(";"):
-        if not stmt.strip() or stmt.strip().startswith(".reg"):
-            continue
-        op, rest = stmt.split(None, 1)
-        d, *a = [t.strip() for t in rest.split(",")]
-        if op == "mov.b32":
-            r = val(a[0])
-        elif op == "shr.b32":
-            r = val(a[0]) >> val(a[1])
-        elif op == "shl.b32":
-            r = val(a[0]) << val(a[1])
-        elif op == "prmt.b32":  # bytes 0-3 from a, 4-7 from b; a selector nibble per byte
-            src = val(a[1]) << 32 | val(a[0])
-            r = sum(((src >> 8 * ((val(a[2]) >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
-        elif op == "lop3.b32":
-            assert val(a[3]) == 0xEA  # (a & b) | c
-            r = (val(a[0]) & val(a[1])) | val(a[2])
-        else:  # sub.f16x2 / fma.rn.f16x2, per 16-bit half, each rounded once
-            halves = [[_f16(val(t) >> sh) for t in a] for sh in (0, 16)]
-            if op.startswith("sub"):
-                res = [h[0] - h[1] for h in halves]
-            else:
-                res = [h[0] * h[1] + h[2] for h in halves]  # exact in float64, then rounded
-            r = _to_f16(res[0]) | _to_f16(res[1]) << 16
-        regs[d] = r & 0xFFFFFFFF
-    return regs
-
-
 @pytest.mark.parametrize("qtype", g16_layout.SUPPORTED, ids=lambda t: t.name)
 def test_ptx_dequant_recipe(qtype):
     # the GPU fast path's bit logic (nibble and pair positions, prmt selectors, magic
@@ -257,14 +218,15 @@ def test_ptx_dequant_recipe(qtype):
         lo = [sum(int(v & 15) << 4 * j for j, v in enumerate(row)) for row in q]
         hi = [sum(int(v >> 4) << 2 * j for j, v in enumerate(row)) for row in q]
         hi = [h - (1 << 16) if h >= 1 << 15 else h for h in hi]  # int16 sign-extended
-        s = [_to_f16(v) for v in rng.uniform(1e-3, 0.1, 2)]
-        b = [_to_f16(v) for v in rng.uniform(-1, 0, 2)]
+        s = [round16(v) for v in rng.uniform(1e-3, 0.1, 2)]
+        b = [round16(v) for v in rng.uniform(-1, 0, 2)]
         regs = {"$8": lo[0] & 0xFFFFFFFF, "$9": lo[1] & 0xFFFFFFFF,
                 "$10": hi[0] & 0xFFFFFFFF, "$11": hi[1] & 0xFFFFFFFF,
                 "$12": s[0] | s[1] << 16, "$13": b[0] | b[1] << 16}
-        regs = _run_ptx(asm, regs)
+        regs = run_ptx(asm, regs)
         for p in range(8):
-            want = [_to_f16((int(q[i, p]) - zero) * _f16(s[i]) + _f16(b[i])) for i in range(2)]
+            want = [round16((int(q[i, p]) - zero) * half_value(s[i]) + half_value(b[i]))
+                    for i in range(2)]
             assert regs[f"${p}"] == want[0] | want[1] << 16, (p, q[:, p])
 
 

@@ -28,6 +28,7 @@ from quant_kernels import triton_wq as tw  # noqa: E402
 from quant_kernels import triton_wq_gemm as gm  # noqa: E402
 from quant_kernels import triton_wq_gemv as gv  # noqa: E402
 from quant_kernels.triton_wq import pack_wq, wq_matmul, wq_reference  # noqa: E402
+from tests.ptx_interp import half_value, round16, run_ptx  # noqa: E402
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 CPU = "cpu"
@@ -145,49 +146,6 @@ def test_pack_roundtrip_and_layout():
     assert torch.allclose(wt[:, 40], q[:, 40] * w.scales[:, 1].float() + w.bias[:, 1].float())
 
 
-def _half(bits16: int, kind: str) -> float:
-    if kind == "f16":
-        return float(np.array(bits16, dtype=np.uint16).view(np.float16))
-    return float(np.array(bits16 << 16, dtype=np.uint32).view(np.float32))
-
-
-def _round16(v: float, kind: str) -> int:
-    if kind == "f16":
-        return int(np.array(v, dtype=np.float16).view(np.uint16))
-    return int(torch.tensor(v, dtype=torch.float64).to(torch.bfloat16).view(torch.int16)) & 0xFFFF
-
-
-def _run_ptx(asm: str, regs: dict) -> dict:
-    """Interpret the straight-line PTX of wq_layout's recipes on Python ints."""
-    def val(t):
-        return int(t, 16) if t.startswith("0x") else int(t) if t.isdigit() else regs[t]
-    for stmt in asm.strip("{}").replace("\n", ";").split(";"):
-        if not stmt.strip() or stmt.strip().startswith(".reg"):
-            continue
-        op, rest = stmt.split(None, 1)
-        d, *a = [t.strip() for t in rest.split(",")]
-        if op == "mov.b32":
-            r = val(a[0])
-        elif op == "shr.b32":
-            r = val(a[0]) >> val(a[1])
-        elif op == "prmt.b32":  # bytes 0-3 from a, 4-7 from b; selector nibble per byte
-            src = val(a[1]) << 32 | val(a[0])
-            r = sum(((src >> 8 * ((val(a[2]) >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
-        elif op == "lop3.b32":
-            assert val(a[3]) == 0xEA  # (a & b) | c
-            r = (val(a[0]) & val(a[1])) | val(a[2])
-        else:
-            kind = "bf16" if "bf16" in op else "f16"
-            halves = [[_half((val(t) >> sh) & 0xFFFF, kind) for t in a] for sh in (0, 16)]
-            if op.startswith("sub"):
-                res = [h[0] - h[1] for h in halves]
-            else:
-                res = [h[0] * h[1] + h[2] for h in halves]
-            r = _round16(res[0], kind) | _round16(res[1], kind) << 16
-        regs[d] = r & 0xFFFFFFFF
-    return regs
-
-
 @pytest.mark.parametrize("name,bits,kind", [("PTX_F16_U4", 4, "f16"), ("PTX_BF16_U4", 4, "bf16"),
                                             ("PTX_F16_U8", 8, "f16")])
 def test_ptx_dequant_recipes(name, bits, kind):
@@ -198,15 +156,15 @@ def test_ptx_dequant_recipes(name, bits, kind):
     rng = np.random.default_rng(bits)
     for _ in range(100):
         q = rng.integers(0, 1 << bits, (2, pack))
-        sc = [_round16(v, kind) for v in rng.uniform(1e-3, 0.1, 2)]
-        bi = [_round16(v, kind) for v in rng.uniform(-1, 1, 2)]
+        sc = [round16(v, kind) for v in rng.uniform(1e-3, 0.1, 2)]
+        bi = [round16(v, kind) for v in rng.uniform(-1, 1, 2)]
         regs = {f"${pack + i}": sum(int(v) << bits * j for j, v in enumerate(q[i]))
                 for i in range(2)}
         regs[f"${pack + 2}"] = sc[0] | sc[1] << 16
         regs[f"${pack + 3}"] = bi[0] | bi[1] << 16
-        regs = _run_ptx(asm, regs)
+        regs = run_ptx(asm, regs)
         for p in range(pack):
-            want = [_round16(q[i, p] * _half(sc[i], kind) + _half(bi[i], kind), kind)
+            want = [round16(q[i, p] * half_value(sc[i], kind) + half_value(bi[i], kind), kind)
                     for i in range(2)]
             assert regs[f"${p}"] == want[0] | want[1] << 16, (p, q[:, p])
 
