@@ -6,9 +6,10 @@
 
 Dispatch on M (rows of x after flattening leading dims):
 
-* M == 1, 4-bit: ``triton_wq_gemv1`` (packed-half dot products in PTX);
-* M <= 16: ``triton_wq_gemv`` (weight streamed once, split-K when N alone is too few
-  programs for the GPU);
+* M <= 16: ``triton_wq_mma`` (4-bit, groups of a multiple of 128: mma.sync on tensor
+  cores, weights unpacked in registers) or the FMA kernels -- ``triton_wq_gemv1`` at M = 1
+  (packed-half dot products in PTX), else ``triton_wq_gemv`` (split-K when N alone is
+  too few programs) -- whichever is faster for the shape, timed once;
 * 16 < M <= 64: the faster of ``triton_wq_gemv.swap`` (the decode kernel with M tiles of
   32/64) and ``triton_wq_gemm``, timed once per shape;
 * 64 < M < DEQUANT_GEMM_MIN_M: ``triton_wq_gemm`` (fused dequant tiled GEMM);
@@ -40,6 +41,7 @@ try:
     from . import triton_wq_gemm as _gemm
     from . import triton_wq_gemv as _gemv
     from . import triton_wq_gemv1 as _gemv1
+    from . import triton_wq_mma as _mma
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - hosts without Triton keep the torch path
     HAS_TRITON = False
@@ -62,37 +64,44 @@ def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.
         x = x.index_select(1, w.perm)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    if m == 1 and _gemv1.can_run(x, w)[0]:
-        return _gemv1.gemv1(x, w, out)
     if m <= DECODE_MAX_M:
-        return _gemv.gemv(x, w, out)
-    if m <= _gemv.SWAP_MAX_M and _mid_kernel(x, w, out) == "swap":
-        return _gemv.swap(x, w, out)
+        old = _gemv1.gemv1 if m == 1 and _gemv1.can_run(x, w)[0] else _gemv.gemv
+        if _mma.can_run(x, w)[0]:
+            fns = {"mma": _mma.mma_matmul, "fma": old}
+            return fns[_timed_choice(x, w, out, fns, DECODE_MAX_M, "mma")](x, w, out)
+        return old(x, w, out)
+    if m <= _gemv.SWAP_MAX_M:
+        fns = {"swap": _gemv.swap, "gemm": _gemm.gemm}
+        if _timed_choice(x, w, out, fns, _gemv.SWAP_MAX_M, "gemm") == "swap":
+            return _gemv.swap(x, w, out)
     if m < DEQUANT_GEMM_MIN_M:
         return _gemm.gemm(x, w, out)
     return dequant_matmul(x, w, out, permuted=True)
 
 
-# (M bucket, N, K, group, bits, dtype) -> "swap" or "gemm": a tuning cache like Triton's
-# own autotuner caches, filled on the first call of each key outside CUDA-graph capture
-_MID_CHOICE: dict = {}
+# (kernels, M bucket, N, K, group, bits, dtype) -> the faster kernel's name: a tuning cache
+# like Triton's own autotuner's, filled on the first call of each key outside CUDA-graph
+# capture (the engine runs every decode batch size eagerly before capturing it)
+_CHOICE: dict = {}
 
 
-def _mid_kernel(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> str:
-    """For 16 < M <= 64, the faster of the swap kernel and the fused GEMM (both autotuned
-    first, then their picks timed once); the fused GEMM when timing is impossible."""
+def _timed_choice(x: torch.Tensor, w: WQWeight, out: torch.Tensor, fns: dict, cap: int,
+                  fallback: str) -> str:
+    """The faster of ``fns`` (name -> kernel(x, w, out)) for this shape: each autotuned by
+    its first call, then the picks timed once.  ``fallback`` where timing is impossible
+    (interpreter, CPU, during a capture)."""
     m = x.shape[0]
-    key = (m_bucket(m, _gemv.SWAP_MAX_M), w.n, w.k, w.group_size, w.bits, x.dtype)
-    choice = _MID_CHOICE.get(key)
+    key = (tuple(fns), m_bucket(m, cap), w.n, w.k, w.group_size, w.bits, x.dtype)
+    choice = _CHOICE.get(key)
     if choice is not None:
         return choice
     if INTERPRET or not x.is_cuda or torch.cuda.is_current_stream_capturing():
-        return "gemm"
+        return fallback
     from triton.testing import do_bench
 
     times = {name: do_bench(lambda fn=fn: fn(x, w, out), warmup=5, rep=20)
-             for name, fn in (("swap", _gemv.swap), ("gemm", _gemm.gemm))}
-    choice = _MID_CHOICE[key] = min(times, key=times.get)
+             for name, fn in fns.items()}
+    choice = _CHOICE[key] = min(times, key=times.get)
     return choice
 
 

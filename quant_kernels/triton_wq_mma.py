@@ -1,0 +1,371 @@
+"""Decode kernel (M <= 16) for 4-bit ``WQWeight`` on tensor cores: ``mma.sync`` with the
+weights as the A operand, straight from the common layout (no repack).
+
+The packed-half kernel (``triton_wq_gemv1``) does every multiply-add on the SM's FMA
+pipes: ~35 instructions per packed word, so it is half issue-bound at M = 1 and its cost
+grows with M.  Here the FMA pipes only unpack and the tensor cores do the dot products:
+
+* a warp owns 16-row weight tiles; per 128-column slab of K, lane ``(r, q)`` (``r =
+  lane / 4``, ``q = lane % 4``) loads 16 bytes of row ``r`` and 16 of row ``r + 8``
+  (words ``4q .. 4q+3`` of the slab: K columns ``32q .. 32q+31``) and the activations of
+  the same 32 columns (64 bytes per activation row);
+* ``mma.m16n8k16`` sums over its 16 "logical" K indices in any order, so each lane's
+  physical columns can be its own: logical pair ``(2q, 2q+1)`` of chunk ``t`` is physical
+  ``32q + 4t + (0, 1)``, and ``(2q+8, 2q+9)`` is ``32q + 4t + (2, 3)``.  Then the A
+  fragment is byte ``2h`` / ``2h + 1`` (``t = 2j + h``) of word ``j`` of rows ``r`` and
+  ``r + 8`` -- the ``prmt`` + ``lop3`` magic-number unpack of ``wq_layout`` gives exactly
+  those pairs -- and the B fragment is two consecutive int32 of the activations as loaded;
+* per unpacked pair: ``prmt``, ``lop3``, one exact packed subtract (``q`` itself, so the
+  tensor cores sum exact products ``q * x`` in fp32); ~13 instructions per word;
+* scales and biases are applied per slab in fp32 to the MMA results: ``acc += s * D +
+  b * X``, where ``X`` (the slab's activation sums) comes from one more MMA with an
+  all-ones A.  So any group that is a multiple of 128 (or per-channel) works;
+* activation rows are the MMA's N dimension: 8 per MMA (``MB`` = 1 for M <= 8, 2 up to 16),
+  so M = 1..16 cost nearly the same;
+* the warps of a program split its K range; their partial sums meet in one reduction.
+
+``TRITON_INTERPRET=1`` cannot run PTX: there each lane's fragment values are computed
+from plain loads in fp32 (same indexing, splitting, reduction and stores; the PTX is
+checked by the GPU tests).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_wq_tile import INTERPRET, autotune_kwargs, device_fn, launch_tuned
+from .wq_layout import WQWeight, num_sms
+
+SLAB_K = 128  # K columns per step of a warp (16 bytes of each row per lane)
+SLAB = tl.constexpr(SLAB_K)
+MAX_M = 16  # activation rows: two 8-column MMA blocks
+
+
+# ----------------------------------------------------------------------------- PTX
+# One row tile per warp: the operand lists stay short enough to write out in the kernel.
+# Words: words 4q..4q+3 of row r, then of row r + 8 (16-byte loads that bypass L1: every
+# weight byte is read once).
+# Two slabs: $0..$7 slab a (row r, then r + 8), $8..$15 slab b; addresses $16..$19.
+ASM_LOAD2 = tl.constexpr("\n".join(
+    f"ld.global.nc.L1::no_allocate.v4.b32 {{${4 * i}, ${4 * i + 1}, ${4 * i + 2}, "
+    f"${4 * i + 3}}}, [${16 + i}];" for i in range(4)))
+
+
+def _ptx_compute(mb: int, bf16: bool) -> str:
+    """Outputs: [4 MB] D fragments, then [2 MB] activation sums X (columns 2q, 2q+1).
+    Inputs: 8 words, MB activation addresses (64 bytes each), the lane index."""
+    t16 = "bf16" if bf16 else "f16"
+    magic = "0x43004300" if bf16 else "0x64006400"
+    one = "0x3F803F80" if bf16 else "0x3C003C00"
+    nd, nx = 4 * mb, 2 * mb
+    i_w = nd + nx
+    i_xa = i_w + 8
+    i_lane = i_xa + mb
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{t16}.{t16}.f32"
+    accs = [f"d{i}" for i in range(nd)] + [f"s{i}" for i in range(4 * mb)]
+    xs = [f"x{i}" for i in range(16 * mb)]
+    body = ["{", ".reg .b32 mg, one, lid, t, a0, a1, a2, a3;",
+            ".reg .b32 " + ", ".join(f"h{i}" for i in range(8)) + ";",
+            ".reg .b32 " + ", ".join(xs) + ";",
+            ".reg .f32 " + ", ".join(accs) + ";", ".reg .pred bad;",
+            f"mov.b32 mg, {magic};", f"mov.b32 one, {one};"]
+    for nb in range(mb):
+        for v in range(4):
+            o = 16 * nb + 4 * v
+            body.append(f"ld.global.nc.v4.b32 {{x{o}, x{o + 1}, x{o + 2}, x{o + 3}}}, "
+                        f"[${i_xa + nb} + {16 * v}];")
+    body += [f"mov.f32 {a}, 0f00000000;" for a in accs]
+    body += [f"shr.u32 h{i}, ${i_w + i}, 4;" for i in range(8)]
+
+    def pair(dst, word, byte):
+        # byte `byte` of the word in the low half and of word >> 4 in the high half,
+        # one nibble each under the magic exponent, minus the magic: exact q pairs
+        sel = hex(byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12)
+        return (f"prmt.b32 t, ${i_w + word}, h{word}, {sel}; "
+                f"lop3.b32 t, t, 0x000F000F, mg, 0xEA; sub.{t16}x2 {dst}, t, mg;")
+    for t in range(8):
+        j, h = divmod(t, 2)
+        body += [pair("a0", j, 2 * h), pair("a1", 4 + j, 2 * h),
+                 pair("a2", j, 2 * h + 1), pair("a3", 4 + j, 2 * h + 1)]
+        for nb in range(mb):
+            b = f"{{x{16 * nb + 2 * t}, x{16 * nb + 2 * t + 1}}}"
+            d = ", ".join(f"d{4 * nb + i}" for i in range(4))
+            sx = ", ".join(f"s{4 * nb + i}" for i in range(4))
+            body.append(f"{mma} {{{d}}}, {{a0, a1, a2, a3}}, {b}, {{{d}}};")
+            body.append(f"{mma} {{{sx}}}, {{one, one, one, one}}, {b}, {{{sx}}};")
+    # the fragments assume element i of the program's tensors sits in lane i % 32: poison
+    # the results if Triton ever lays them out otherwise
+    body += ["mov.u32 lid, %laneid;", f"setp.ne.u32 bad, lid, ${i_lane};",
+             "@bad mov.f32 s0, 0f7FC00000;", "@bad mov.f32 d0, 0f7FC00000;"]
+    body += [f"mov.f32 ${i}, d{i};" for i in range(nd)]
+    body += [f"mov.f32 ${nd + 2 * nb + c}, s{4 * nb + c};" for nb in range(mb) for c in range(2)]
+    return "\n".join(body + ["}"])
+
+
+ASM_F16_1 = tl.constexpr(_ptx_compute(1, False))
+ASM_F16_2 = tl.constexpr(_ptx_compute(2, False))
+ASM_BF16_1 = tl.constexpr(_ptx_compute(1, True))
+ASM_BF16_2 = tl.constexpr(_ptx_compute(2, True))
+# constraints: D and X outputs, 8 words, activation addresses, lane
+C_LOAD2 = tl.constexpr("=r," * 16 + "l,l,l,l")
+C1 = tl.constexpr("=f," * 6 + "r," * 8 + "l,r")
+C2 = tl.constexpr("=f," * 12 + "r," * 8 + "l,l,r")
+
+
+# ----------------------------------------------------------------------------- kernel
+@device_fn
+def _slab_dot_emulated(qw_ptr, x_ptr, row, m, slab, stride_qn, stride_xm):
+    """Interpreter path: what the MMAs give lane-wise -- the whole slab's dot product of
+    weight row ``row`` with activation row ``m`` -- from plain loads, in fp32."""
+    offs_w = slab[:, None] * (SLAB // 8) + tl.arange(0, SLAB // 8)[None, :]
+    words = tl.load(qw_ptr + row[:, None] * stride_qn + offs_w)
+    q = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15
+    q = tl.reshape(q, [q.shape[0], SLAB]).to(tl.float32)
+    cols = slab[:, None] * SLAB + tl.arange(0, SLAB)[None, :]
+    x = tl.load(x_ptr + m[:, None] * stride_xm + cols).to(tl.float32)
+    return tl.sum(q * x, axis=1), tl.sum(x, axis=1)
+
+
+@device_fn
+def _apply(acc, valid, s, b, d, xs):
+    return acc + tl.where(valid, s * d + b * xs, 0.0)
+
+
+@device_fn
+def _store_frag(out_ptr, acc, WARPS: tl.constexpr, m, n, M, N, stride_om, stride_on):
+    total = tl.sum(tl.reshape(acc, [WARPS, 32]), axis=0)
+    tl.store(out_ptr + m * stride_om + n * stride_on, total.to(out_ptr.dtype.element_ty),
+             mask=(m < M) & (n < N))
+
+
+@device_fn
+def _load_words(wq_lo, wq_hi, sa, sb):
+    """Words of slabs sa and sb (int64), rows r and r + 8: 16 per lane, 4 loads in flight."""
+    return tl.inline_asm_elementwise(
+        ASM_LOAD2, C_LOAD2,
+        [wq_lo + sa * (SLAB // 2), wq_hi + sa * (SLAB // 2),
+         wq_lo + sb * (SLAB // 2), wq_hi + sb * (SLAB // 2)],
+        dtype=(tl.int32,) * 16, is_pure=True, pack=1)
+
+
+@device_fn
+def _slab(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+          qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
+          stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
+          GS: tl.constexpr, MB: tl.constexpr, DTYPE: tl.constexpr):
+    """One 128-column slab: the 16 x (8 MB) MMA block of this warp's rows, scaled and
+    added to the accumulators (where ``valid``)."""
+    if GS == 0:
+        g = 0
+    else:
+        g = slab // GS
+    s_lo = tl.load(s_ptr + ld_lo * stride_sn + g * stride_sg).to(tl.float32)
+    s_hi = tl.load(s_ptr + ld_hi * stride_sn + g * stride_sg).to(tl.float32)
+    b_lo = tl.load(b_ptr + ld_lo * stride_bn + g * stride_bg).to(tl.float32)
+    b_hi = tl.load(b_ptr + ld_hi * stride_bn + g * stride_bg).to(tl.float32)
+    if INTERPRET_C:
+        c2 = 2 * q
+        d0, x0 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2, M - 1), slab,
+                                    stride_qn, stride_xm)
+        d1, x1 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 1, M - 1), slab,
+                                    stride_qn, stride_xm)
+        d2, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2, M - 1), slab,
+                                    stride_qn, stride_xm)
+        d3, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 1, M - 1), slab,
+                                    stride_qn, stride_xm)
+        d4, x2 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 8, M - 1), slab,
+                                    stride_qn, stride_xm)
+        d5, x3 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 9, M - 1), slab,
+                                    stride_qn, stride_xm)
+        d6, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 8, M - 1), slab,
+                                    stride_qn, stride_xm)
+        d7, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 9, M - 1), slab,
+                                    stride_qn, stride_xm)
+    else:
+        xo = slab.to(tl.int64) * (SLAB * 2)
+        if MB == 1:
+            if DTYPE == tl.bfloat16:
+                d0, d1, d2, d3, x0, x1 = tl.inline_asm_elementwise(
+                    ASM_BF16_1, C1, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, lane],
+                    dtype=(tl.float32,) * 6, is_pure=True, pack=1)
+            else:
+                d0, d1, d2, d3, x0, x1 = tl.inline_asm_elementwise(
+                    ASM_F16_1, C1, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, lane],
+                    dtype=(tl.float32,) * 6, is_pure=True, pack=1)
+            d4, d5, d6, d7, x2, x3 = d0, d1, d2, d3, x0, x1  # unused (MB == 1)
+        else:
+            if DTYPE == tl.bfloat16:
+                d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3 = tl.inline_asm_elementwise(
+                    ASM_BF16_2, C2, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, xa1 + xo,
+                                     lane], dtype=(tl.float32,) * 12, is_pure=True, pack=1)
+            else:
+                d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3 = tl.inline_asm_elementwise(
+                    ASM_F16_2, C2, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, xa1 + xo,
+                                    lane], dtype=(tl.float32,) * 12, is_pure=True, pack=1)
+    a0 = _apply(a0, valid, s_lo, b_lo, d0, x0)
+    a1 = _apply(a1, valid, s_lo, b_lo, d1, x1)
+    a2 = _apply(a2, valid, s_hi, b_hi, d2, x0)
+    a3 = _apply(a3, valid, s_hi, b_hi, d3, x1)
+    if MB == 2:
+        a4 = _apply(a4, valid, s_lo, b_lo, d4, x2)
+        a5 = _apply(a5, valid, s_lo, b_lo, d5, x3)
+        a6 = _apply(a6, valid, s_hi, b_hi, d6, x2)
+        a7 = _apply(a7, valid, s_hi, b_hi, d7, x3)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@triton.jit(do_not_specialize=["M", "N"])
+def _wq_mma_kernel(
+    # activations [M, K] (rows 16-byte aligned), packed 4-bit weight [N, K / 8] (rows
+    # 16-byte aligned), scales/bias [N, Gn], output [M, N]
+    x_ptr, qw_ptr, s_ptr, b_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_qn, stride_sn, stride_sg, stride_bn, stride_bg, stride_om, stride_on,
+    # GS: slabs per scale group (0: one group, per-channel); MB: 8-row blocks of
+    # activations (1: M <= 8, 2: M <= 16); WARPS (= num_warps) split K
+    GS: tl.constexpr, MB: tl.constexpr, WARPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    idx = tl.arange(0, 32 * WARPS)
+    lane = idx % 32
+    warp = idx // 32
+    r = lane // 4
+    q = lane % 4
+    ld_lo = tl.minimum(pid * 16 + r, N - 1)       # weight rows r and r + 8 (clamped)
+    ld_hi = tl.minimum(pid * 16 + r + 8, N - 1)
+    m0 = tl.minimum(r, M - 1)                     # activation rows of the B fragments
+    m1 = tl.minimum(r + 8, M - 1)
+    n_slabs = K // SLAB
+    # each warp takes a run of slabs, two per iteration (the next two are in flight)
+    per_warp = tl.cdiv(tl.cdiv(n_slabs, WARPS), 2) * 2
+    first = warp * per_warp
+    end = tl.minimum(first + per_warp, n_slabs)
+    last = n_slabs - 1
+
+    a0 = tl.zeros([32 * WARPS], dtype=tl.float32)
+    a1 = tl.zeros_like(a0)
+    a2 = tl.zeros_like(a0)
+    a3 = tl.zeros_like(a0)
+    a4 = tl.zeros_like(a0)
+    a5 = tl.zeros_like(a0)
+    a6 = tl.zeros_like(a0)
+    a7 = tl.zeros_like(a0)
+    wq_lo = lane  # placeholders for the interpreter, which loads inside _slab
+    wq_hi = lane
+    xa0 = lane
+    xa1 = lane
+    w0, w1, w2, w3, w4, w5, w6, w7 = lane, lane, lane, lane, lane, lane, lane, lane
+    w8, w9, w10, w11, w12, w13, w14, w15 = lane, lane, lane, lane, lane, lane, lane, lane
+    if not INTERPRET_C:
+        # byte addresses of this lane's 16 bytes of rows r and r + 8 in slab 0, and of
+        # its 64 bytes of activation rows m0 / m1
+        wq_lo = (qw_ptr + ld_lo * stride_qn + 4 * q).to(tl.int64, bitcast=True)
+        wq_hi = (qw_ptr + ld_hi * stride_qn + 4 * q).to(tl.int64, bitcast=True)
+        xa0 = (x_ptr + m0 * stride_xm + 32 * q).to(tl.int64, bitcast=True)
+        xa1 = (x_ptr + m1 * stride_xm + 32 * q).to(tl.int64, bitcast=True)
+        (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15) = _load_words(
+            wq_lo, wq_hi, tl.minimum(first, last).to(tl.int64),
+            tl.minimum(first + 1, last).to(tl.int64))
+    for it in range(0, per_warp // 2):
+        sa = first + 2 * it
+        sb = sa + 1
+        if not INTERPRET_C:
+            # the next pair's words (clamped: never past the weight's last slab)
+            (n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, n14,
+             n15) = _load_words(wq_lo, wq_hi, tl.minimum(sa + 2, last).to(tl.int64),
+                                tl.minimum(sa + 3, last).to(tl.int64))
+        a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
+            a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+            qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
+            tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
+            stride_bn, stride_bg, GS, MB, DTYPE)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
+            a0, a1, a2, a3, a4, a5, a6, a7, w8, w9, w10, w11, w12, w13, w14, w15,
+            qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
+            tl.minimum(sb, last), sb < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
+            stride_bn, stride_bg, GS, MB, DTYPE)
+        if not INTERPRET_C:
+            w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+            w8, w9, w10, w11, w12, w13, w14, w15 = n8, n9, n10, n11, n12, n13, n14, n15
+
+    # C fragment: lane (r, q) holds columns (activation rows) 2q, 2q + 1 of weight rows
+    # r and r + 8; the warps' partial sums are added first
+    l32 = tl.arange(0, 32)
+    n_lo = pid * 16 + l32 // 4
+    mc = 2 * (l32 % 4)
+    _store_frag(out_ptr, a0, WARPS, mc, n_lo, M, N, stride_om, stride_on)
+    _store_frag(out_ptr, a1, WARPS, mc + 1, n_lo, M, N, stride_om, stride_on)
+    _store_frag(out_ptr, a2, WARPS, mc, n_lo + 8, M, N, stride_om, stride_on)
+    _store_frag(out_ptr, a3, WARPS, mc + 1, n_lo + 8, M, N, stride_om, stride_on)
+    if MB == 2:
+        _store_frag(out_ptr, a4, WARPS, mc + 8, n_lo, M, N, stride_om, stride_on)
+        _store_frag(out_ptr, a5, WARPS, mc + 9, n_lo, M, N, stride_om, stride_on)
+        _store_frag(out_ptr, a6, WARPS, mc + 8, n_lo + 8, M, N, stride_om, stride_on)
+        _store_frag(out_ptr, a7, WARPS, mc + 9, n_lo + 8, M, N, stride_om, stride_on)
+
+
+INTERPRET_C = tl.constexpr(INTERPRET)
+
+
+# ----------------------------------------------------------------------------- launch
+def _cfg(warps: int) -> triton.Config:
+    return triton.Config({"WARPS": warps}, num_warps=warps, num_stages=1)
+
+
+# the warps of a program split its 16 rows' K range: more warps, more loads in flight
+MMA_CONFIGS = [_cfg(4), _cfg(8), _cfg(16)]
+
+_tuned = triton.autotune(configs=MMA_CONFIGS, key=["N", "K", "GS", "MB"],
+                         **autotune_kwargs())(_wq_mma_kernel)
+
+
+def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
+    """Whether this kernel takes (x, w), and why not: up to 16 rows, 4-bit, K a multiple
+    of 128 with groups of a multiple of 128 (or per-channel), 16-byte aligned rows."""
+    m = x.shape[0]
+    if not 1 <= m <= MAX_M:
+        return False, f"M={m} (this kernel takes 1..{MAX_M} rows)"
+    if w.bits != 4:
+        return False, f"{w.bits}-bit weight (4-bit only)"
+    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return False, f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
+    if w.k % SLAB_K or (w.group_size % SLAB_K and w.group_size != w.k):
+        return False, (f"K={w.k}, group {w.group_size}: needs K and the group in multiples "
+                       f"of {SLAB_K}")
+    qw = w.qweight
+    if qw.stride(1) != 1 or qw.stride(0) % 4 or qw.data_ptr() % 16:
+        return False, "packed weight rows not 16-byte aligned"
+    if x.stride(-1) != 1 or (m > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
+        return False, "activation rows not contiguous and 16-byte aligned"
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False, "mma.sync m16n8k16 needs sm_80 or newer"
+    if os.environ.get("QUANTRT_WQ_MMA", "1") == "0":
+        return False, "disabled by QUANTRT_WQ_MMA=0"
+    return True, ""
+
+
+def mma_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
+               config: triton.Config | None = None) -> torch.Tensor:
+    """``out[M, N] = x[M, K] @ W.T`` for M <= 16 (x already permuted; ``can_run`` holds)."""
+    ok, why = can_run(x, w)
+    if not ok:
+        raise ValueError(f"the MMA decode kernel cannot take this input: {why}")
+    m = x.shape[0]
+    gs = 0 if w.group_size == w.k else w.group_size // SLAB_K
+    mb = 1 if m <= 8 else 2
+    if config is None and INTERPRET:
+        config = _cfg(2)
+    args = (x, w.qweight, w.scales, w.bias, out, m, w.n, w.k,
+            x.stride(0), w.qweight.stride(0), w.scales.stride(0), w.scales.stride(1),
+            w.bias.stride(0), w.bias.stride(1), out.stride(0), out.stride(1))
+    grid = (triton.cdiv(w.n, 16),)
+    if config is not None:
+        _wq_mma_kernel[grid](*args, GS=gs, MB=mb, **config.all_kwargs())
+        return out
+    launch_tuned(w.plans, ("mma", mb, x.dtype), _wq_mma_kernel, _tuned, lambda meta: grid,
+                 args, {"GS": gs, "MB": mb})
+    return out

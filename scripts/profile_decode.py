@@ -1,0 +1,99 @@
+"""Where a single-stream decode step's time goes: GPU kernels of one greedy stream on the
+engine, grouped by kernel name, per step (issue 5's single-stream target).
+
+    PYTHONPATH=. python scripts/profile_decode.py --shape llama-3-8b --format awq --out DIR
+
+Builds the random-init checkpoint (scripts/make_random_checkpoint.py) unless it exists,
+generates --tokens tokens once to warm up (CUDA graphs captured, kernels tuned), then
+again under torch.profiler, with CUDA graphs (the benchmarked configuration) and, with
+--eager, also without.  Per run it prints: wall ms per step, GPU busy ms per step (sum of
+kernel times), and every kernel's count and microseconds per step, largest first; the same
+goes to DIR/profile_decode.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import make_random_checkpoint as mrc  # noqa: E402
+
+
+def kernel_table(prof, steps: int) -> tuple[float, list[dict]]:
+    """(GPU busy us per step, per-kernel rows) from the profiler's device events."""
+    per = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            row = per[ev.name]
+            row[0] += 1
+            row[1] += ev.time_range.elapsed_us()
+    rows = [dict(kernel=name[:110], per_step=round(c / steps, 2), us_per_step=round(t / steps, 1))
+            for name, (c, t) in per.items()]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return sum(r["us_per_step"] for r in rows), rows
+
+
+def profile(path: Path, tokens: int, graphs: bool) -> dict:
+    from quantrt import LLM, SamplingParams
+
+    llm = LLM(str(path), device="cuda", max_num_seqs=8, enable_prefix_caching=False,
+              cuda_graphs=graphs)
+    prompt = list(range(300, 332))
+    sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([prompt], sp)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.generate([prompt], sp)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / tokens
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        llm.generate([prompt], sp)
+        torch.cuda.synchronize()
+    busy, rows = kernel_table(prof, tokens)
+    llm.shutdown()
+    del llm
+    torch.cuda.empty_cache()
+    return dict(cuda_graphs=graphs, wall_ms_per_step=round(wall * 1e3, 3),
+                tok_s=round(1 / wall, 1), gpu_busy_ms_per_step=round(busy / 1e3, 3),
+                kernels=rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama-3-8b", choices=sorted(mrc.SHAPES))
+    ap.add_argument("--format", default="awq", choices=mrc.FORMATS)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qrt_bench_ckpt"))
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--eager", action="store_true", help="also profile without CUDA graphs")
+    args = ap.parse_args()
+    path = args.work / f"{args.shape}-{args.format}"
+    if not (path / "config.json").exists():
+        t = time.perf_counter()
+        mrc.make(args.shape, args.format, path)
+        print(f"made {path} in {time.perf_counter() - t:.0f} s", flush=True)
+    runs = [profile(path, args.tokens, True)]
+    if args.eager:
+        runs.append(profile(path, args.tokens, False))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile_decode.json").write_text(json.dumps(
+        dict(device=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape,
+             format=args.format, tokens=args.tokens, runs=runs), indent=1))
+    for r in runs:
+        print(f"\n== cuda_graphs={r['cuda_graphs']}: {r['wall_ms_per_step']} ms/step wall "
+              f"({r['tok_s']} tok/s), GPU busy {r['gpu_busy_ms_per_step']} ms/step")
+        for k in r["kernels"][:40]:
+            print(f"{k['us_per_step']:9.1f} us {k['per_step']:7.2f}x  {k['kernel']}")
+
+
+if __name__ == "__main__":
+    main()
