@@ -100,3 +100,26 @@ def test_bad_input_is_refused():
 
 def test_model_uses_fused_ops_only_on_cuda():
     assert not fused_ops.usable(torch.zeros(1))
+
+
+def test_fused_residual_path_matches_plain(tmp_path, monkeypatch):
+    """The GPU model path that hands each layer's residual add to the next norm's kernel
+    (``DecoderLayer.forward_fused``), run here with the kernels interpreted, gives the
+    plain path's logits for a prefill and the decode steps after it."""
+    from quantrt.engine.sequence import SamplingParams
+    from tests.tiny_models import engine, make_tiny_model, prompt
+
+    path = make_tiny_model(tmp_path / "m", "llama", seed=4)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5)
+    plain = engine(path).generate([prompt(13, seed=2)], sp)[0]
+    calls = []
+    real = fused_ops.add_rms_norm
+    monkeypatch.setattr(fused_ops, "usable", lambda x: True)
+    monkeypatch.setattr(fused_ops, "add_rms_norm",
+                        lambda *a: calls.append(1) or real(*a))
+    fused = engine(path).generate([prompt(13, seed=2)], sp)[0]
+    assert fused.output_ids == plain.output_ids
+    for a, b in zip(fused.logprobs, plain.logprobs):
+        assert abs(a.logprob - b.logprob) < 1e-3
+    layers = 2
+    assert len(calls) >= 6 * 2 * layers  # two per layer per step, plus the final norm

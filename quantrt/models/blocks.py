@@ -139,6 +139,23 @@ class DecoderLayer(nn.Module):
         h = h + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
+    def forward_fused(self, ropes: dict[int, Rope], h: torch.Tensor, residual: torch.Tensor | None,
+                      kv: KVCache, meta: AttentionMetadata
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GPU pre-norm layers (``DecoderForCausalLM.fuses_residual``): the hidden state
+        arrives as ``residual + h`` with the add still pending, so that add and this
+        layer's input norm are one kernel, as are the attention's residual add and the
+        MLP's norm.  Returns the MLP output and the residual it is to be added to."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, x = h, norm(h)
+        else:
+            residual, x = fused_ops.add_rms_norm(residual, h, norm.weight, norm.eps)
+        attn = self.self_attn(ropes, x, kv, meta)
+        norm = self.post_attention_layernorm
+        residual, x = fused_ops.add_rms_norm(residual, attn, norm.weight, norm.eps)
+        return self.mlp(x), residual
+
 
 class DecoderForCausalLM(nn.Module):
     # Gemma's post-block norms (see DecoderLayer)
@@ -197,9 +214,20 @@ class DecoderForCausalLM(nn.Module):
             # in the activation dtype, as transformers does (sqrt(3072) is 55.5 in bf16)
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         ropes = {id(r): r.tables(positions, h.dtype, meta) for r in self.rotaries}
+        if self.fuses_residual(h):
+            residual = None
+            for layer, kv in zip(self.layers, kv_caches):
+                h, residual = layer.forward_fused(ropes, h, residual, kv, meta)
+            return fused_ops.add_rms_norm(residual, h, self.norm.weight, self.norm.eps)[1]
         for layer, kv in zip(self.layers, kv_caches):
             h = layer(ropes, h, kv, meta)
         return self.norm(h)
+
+    def fuses_residual(self, h: torch.Tensor) -> bool:
+        """Whether the layers pass the residual add on to the next norm's kernel (GPU,
+        pre-norm layers whose norms cast before scaling)."""
+        return (not self.sandwich_norms and not self.fp32_norms and h.dim() == 2
+                and self.cfg.num_layers > 0 and fused_ops.usable(h))
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)
