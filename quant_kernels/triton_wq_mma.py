@@ -48,6 +48,10 @@ MAX_M = 16  # activation rows: two 8-column MMA blocks
 # One row tile per warp: the operand lists stay short enough to write out in the kernel.
 # Words: words 4q..4q+3 of row r, then of row r + 8 (16-byte loads that bypass L1: every
 # weight byte is read once).
+# One slab: $0..$7 (row r, then r + 8), addresses $8, $9.
+ASM_LOAD1 = tl.constexpr(
+    "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$8];\n"
+    "ld.global.nc.L1::no_allocate.v4.b32 {$4, $5, $6, $7}, [$9];")
 # Two slabs: $0..$7 slab a (row r, then r + 8), $8..$15 slab b; addresses $16..$19.
 ASM_LOAD2 = tl.constexpr("\n".join(
     f"ld.global.nc.L1::no_allocate.v4.b32 {{${4 * i}, ${4 * i + 1}, ${4 * i + 2}, "
@@ -110,6 +114,7 @@ ASM_F16_2 = tl.constexpr(_ptx_compute(2, False))
 ASM_BF16_1 = tl.constexpr(_ptx_compute(1, True))
 ASM_BF16_2 = tl.constexpr(_ptx_compute(2, True))
 # constraints: D and X outputs, 8 words, activation addresses, lane
+C_LOAD1 = tl.constexpr("=r," * 8 + "l,l")
 C_LOAD2 = tl.constexpr("=r," * 16 + "l,l,l,l")
 C1 = tl.constexpr("=f," * 6 + "r," * 8 + "l,r")
 C2 = tl.constexpr("=f," * 12 + "r," * 8 + "l,l,r")
@@ -149,6 +154,14 @@ def _load_words(wq_lo, wq_hi, sa, sb):
         [wq_lo + sa * (SLAB // 2), wq_hi + sa * (SLAB // 2),
          wq_lo + sb * (SLAB // 2), wq_hi + sb * (SLAB // 2)],
         dtype=(tl.int32,) * 16, is_pure=True, pack=1)
+
+
+@device_fn
+def _load_words1(wq_lo, wq_hi, sa):
+    """Words of slab sa (int64), rows r and r + 8: 8 per lane, 2 loads in flight."""
+    return tl.inline_asm_elementwise(
+        ASM_LOAD1, C_LOAD1, [wq_lo + sa * (SLAB // 2), wq_hi + sa * (SLAB // 2)],
+        dtype=(tl.int32,) * 8, is_pure=True, pack=1)
 
 
 @device_fn
@@ -227,6 +240,9 @@ def _wq_mma_kernel(
     # GS: slabs per scale group (0: one group, per-channel); MB: 8-row blocks of
     # activations (1: M <= 8, 2: M <= 16); WARPS (= num_warps) split K
     GS: tl.constexpr, MB: tl.constexpr, WARPS: tl.constexpr,
+    # slabs per loop iteration (1 or 2; the next iteration's are loaded meanwhile): two
+    # keep more bytes in flight, one needs fewer registers (more programs per SM)
+    PAIR: tl.constexpr = 2,
 ):
     pid = tl.program_id(0)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -240,8 +256,8 @@ def _wq_mma_kernel(
     m0 = tl.minimum(r, M - 1)                     # activation rows of the B fragments
     m1 = tl.minimum(r + 8, M - 1)
     n_slabs = K // SLAB
-    # each warp takes a run of slabs, two per iteration (the next two are in flight)
-    per_warp = tl.cdiv(tl.cdiv(n_slabs, WARPS), 2) * 2
+    # each warp takes a run of slabs, PAIR per iteration
+    per_warp = tl.cdiv(tl.cdiv(n_slabs, WARPS), PAIR) * PAIR
     first = warp * per_warp
     end = tl.minimum(first + per_warp, n_slabs)
     last = n_slabs - 1
@@ -267,30 +283,47 @@ def _wq_mma_kernel(
         wq_hi = (qw_ptr + ld_hi * stride_qn + 4 * q).to(tl.int64, bitcast=True)
         xa0 = (x_ptr + m0 * stride_xm + 32 * q).to(tl.int64, bitcast=True)
         xa1 = (x_ptr + m1 * stride_xm + 32 * q).to(tl.int64, bitcast=True)
-        (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14, w15) = _load_words(
-            wq_lo, wq_hi, tl.minimum(first, last).to(tl.int64),
-            tl.minimum(first + 1, last).to(tl.int64))
-    for it in range(0, per_warp // 2):
-        sa = first + 2 * it
-        sb = sa + 1
-        if not INTERPRET_C:
-            # the next pair's words (clamped: never past the weight's last slab)
-            (n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, n14,
-             n15) = _load_words(wq_lo, wq_hi, tl.minimum(sa + 2, last).to(tl.int64),
-                                tl.minimum(sa + 3, last).to(tl.int64))
-        a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
-            a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
-            qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
-            tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
-            stride_bn, stride_bg, GS, MB, DTYPE)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
-            a0, a1, a2, a3, a4, a5, a6, a7, w8, w9, w10, w11, w12, w13, w14, w15,
-            qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
-            tl.minimum(sb, last), sb < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
-            stride_bn, stride_bg, GS, MB, DTYPE)
-        if not INTERPRET_C:
-            w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
-            w8, w9, w10, w11, w12, w13, w14, w15 = n8, n9, n10, n11, n12, n13, n14, n15
+        if PAIR == 2:
+            (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14,
+             w15) = _load_words(wq_lo, wq_hi, tl.minimum(first, last).to(tl.int64),
+                                tl.minimum(first + 1, last).to(tl.int64))
+        else:
+            w0, w1, w2, w3, w4, w5, w6, w7 = _load_words1(
+                wq_lo, wq_hi, tl.minimum(first, last).to(tl.int64))
+    for it in range(0, per_warp // PAIR):
+        if PAIR == 1:
+            sa = first + it
+            if not INTERPRET_C:
+                n0, n1, n2, n3, n4, n5, n6, n7 = _load_words1(
+                    wq_lo, wq_hi, tl.minimum(sa + 1, last).to(tl.int64))
+            a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
+                a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+                qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
+                tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn,
+                stride_sg, stride_bn, stride_bg, GS, MB, DTYPE)
+            if not INTERPRET_C:
+                w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+        else:
+            sa = first + 2 * it
+            sb = sa + 1
+            if not INTERPRET_C:
+                # the next pair's words (clamped: never past the weight's last slab)
+                (n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, n14,
+                 n15) = _load_words(wq_lo, wq_hi, tl.minimum(sa + 2, last).to(tl.int64),
+                                    tl.minimum(sa + 3, last).to(tl.int64))
+            a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
+                a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+                qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
+                tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
+                stride_bn, stride_bg, GS, MB, DTYPE)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
+                a0, a1, a2, a3, a4, a5, a6, a7, w8, w9, w10, w11, w12, w13, w14, w15,
+                qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
+                tl.minimum(sb, last), sb < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
+                stride_bn, stride_bg, GS, MB, DTYPE)
+            if not INTERPRET_C:
+                w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+                w8, w9, w10, w11, w12, w13, w14, w15 = n8, n9, n10, n11, n12, n13, n14, n15
 
     # C fragment: lane (r, q) holds columns (activation rows) 2q, 2q + 1 of weight rows
     # r and r + 8; the warps' partial sums are added first
@@ -312,12 +345,14 @@ INTERPRET_C = tl.constexpr(INTERPRET)
 
 
 # ----------------------------------------------------------------------------- launch
-def _cfg(warps: int) -> triton.Config:
-    return triton.Config({"WARPS": warps}, num_warps=warps, num_stages=1)
+def _cfg(warps: int, pair: int = 2) -> triton.Config:
+    return triton.Config({"WARPS": warps, "PAIR": pair}, num_warps=warps, num_stages=1)
 
 
-# the warps of a program split its 16 rows' K range: more warps, more loads in flight
-MMA_CONFIGS = [_cfg(4), _cfg(8), _cfg(16)]
+# The warps of a program split its 16 rows' K range.  From scripts/bench_wq_mma.py on the
+# H100: one slab per iteration won for K = 4096 (4096x14336 M=1: 15.3 us against 21.2),
+# two for K >= 8192 (14336x4096: 17.7 against 19.9); 4 or 8 warps, rarely 16.
+MMA_CONFIGS = [_cfg(w, p) for w in (4, 8, 16) for p in (1, 2)]
 
 _tuned = triton.autotune(configs=MMA_CONFIGS, key=["N", "K", "GS", "MB"],
                          **autotune_kwargs())(_wq_mma_kernel)

@@ -27,18 +27,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_random_checkpoint as mrc  # noqa: E402
 
 
-def kernel_table(prof, steps: int) -> tuple[float, list[dict]]:
-    """(GPU busy us per step, per-kernel rows) from the profiler's device events."""
+HOST_GAP_US = 30.0  # an idle GPU gap longer than this is the host's step work, not a launch
+
+
+def idle_gaps(spans: list[tuple[float, float]], steps: int) -> dict:
+    """Idle time between device activities per step: gaps shorter than HOST_GAP_US (kernel
+    launch latency inside a graph) and longer ones (the host between steps)."""
+    spans.sort()
+    short = long = 0.0
+    end = spans[0][1] if spans else 0.0
+    for a, b in spans[1:]:
+        gap = a - end
+        if gap > 0:
+            if gap < HOST_GAP_US:
+                short += gap
+            else:
+                long += gap
+        end = max(end, b)
+    return dict(launch_gaps_us_per_step=round(short / steps, 1),
+                host_gaps_us_per_step=round(long / steps, 1))
+
+
+def kernel_table(prof, steps: int) -> tuple[float, list[dict], dict]:
+    """(GPU busy us per step, per-kernel rows, idle gaps) from the profiler's device events."""
     per = defaultdict(lambda: [0, 0.0])
+    spans = []
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             row = per[ev.name]
             row[0] += 1
             row[1] += ev.time_range.elapsed_us()
+            spans.append((ev.time_range.start, ev.time_range.end))
     rows = [dict(kernel=name[:110], per_step=round(c / steps, 2), us_per_step=round(t / steps, 1))
             for name, (c, t) in per.items()]
     rows.sort(key=lambda r: -r["us_per_step"])
-    return sum(r["us_per_step"] for r in rows), rows
+    return sum(r["us_per_step"] for r in rows), rows, idle_gaps(spans, steps)
 
 
 def profile(path: Path, tokens: int, graphs: bool) -> dict:
@@ -58,13 +81,13 @@ def profile(path: Path, tokens: int, graphs: bool) -> dict:
     with torch.profiler.profile(activities=acts) as prof:
         llm.generate([prompt], sp)
         torch.cuda.synchronize()
-    busy, rows = kernel_table(prof, tokens)
+    busy, rows, gaps = kernel_table(prof, tokens)
     llm.shutdown()
     del llm
     torch.cuda.empty_cache()
     return dict(cuda_graphs=graphs, wall_ms_per_step=round(wall * 1e3, 3),
                 tok_s=round(1 / wall, 1), gpu_busy_ms_per_step=round(busy / 1e3, 3),
-                kernels=rows)
+                **gaps, kernels=rows)
 
 
 def main() -> None:
@@ -90,7 +113,9 @@ def main() -> None:
              format=args.format, tokens=args.tokens, runs=runs), indent=1))
     for r in runs:
         print(f"\n== cuda_graphs={r['cuda_graphs']}: {r['wall_ms_per_step']} ms/step wall "
-              f"({r['tok_s']} tok/s), GPU busy {r['gpu_busy_ms_per_step']} ms/step")
+              f"({r['tok_s']} tok/s), GPU busy {r['gpu_busy_ms_per_step']} ms/step, idle "
+              f"{r['launch_gaps_us_per_step']} us in launch gaps (< {HOST_GAP_US:.0f} us) and "
+              f"{r['host_gaps_us_per_step']} us in host gaps per step (under the profiler)")
         for k in r["kernels"][:40]:
             print(f"{k['us_per_step']:9.1f} us {k['per_step']:7.2f}x  {k['kernel']}")
 

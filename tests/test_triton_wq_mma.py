@@ -48,12 +48,14 @@ def test_shapes(k, g, m, dtype):
     assert run(x, w) < TOL[dtype]
 
 
+@pytest.mark.parametrize("pair", [1, 2])
 @pytest.mark.parametrize("warps", [1, 2, 4])
-def test_warp_split(warps):
-    """More warps than slabs (idle warps add nothing) and uneven splits."""
+def test_warp_split(warps, pair):
+    """More warps than slabs (idle warps add nothing), uneven splits, one or two slabs
+    per iteration (an odd count leaves a half pair)."""
     w = make_weight(32, 640, 128, 4, device=DEV, seed=warps)
     x = torch.randn(5, 640, dtype=torch.float16, device=DEV)
-    assert run(x, w, config=mm._cfg(warps)) < TOL[torch.float16]
+    assert run(x, w, config=mm._cfg(warps, pair)) < TOL[torch.float16]
 
 
 def test_can_run_reasons():
@@ -97,8 +99,8 @@ def test_dispatch_takes_mma_where_it_can(monkeypatch):
 def test_gpu_ptx(n, k, g, m, dtype):
     w = make_weight(n, k, g, 4, dtype=dtype, device=DEV, seed=m)
     x = torch.randn(m, k, dtype=dtype, device=DEV)
-    for warps in (4, 8, 16):
-        assert run(x, w, config=mm._cfg(warps)) < TOL[dtype]
+    for cfg in mm.MMA_CONFIGS:
+        assert run(x, w, config=cfg) < TOL[dtype]
     assert run(x, w) < TOL[dtype]  # autotuned
 
 
