@@ -30,6 +30,7 @@ checked by the GPU tests).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -358,6 +359,11 @@ _tuned = triton.autotune(configs=MMA_CONFIGS, key=["N", "K", "GS", "MB"],
                          **autotune_kwargs())(_wq_mma_kernel)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
     """Whether this kernel takes (x, w), and why not: up to 16 rows, 4-bit, K a multiple
     of 128 with groups of a multiple of 128 (or per-channel), 16-byte aligned rows."""
@@ -376,7 +382,7 @@ def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
         return False, "packed weight rows not 16-byte aligned"
     if x.stride(-1) != 1 or (m > 1 and x.stride(0) % 8) or x.data_ptr() % 16:
         return False, "activation rows not contiguous and 16-byte aligned"
-    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 0):
+    if x.is_cuda and _capability(x.device) < (8, 0):
         return False, "mma.sync m16n8k16 needs sm_80 or newer"
     if os.environ.get("QUANTRT_WQ_MMA", "1") == "0":
         return False, "disabled by QUANTRT_WQ_MMA=0"
