@@ -32,7 +32,9 @@ declare -A RUNS=(
   [rtn4]="--to gptq --algo rtn --bits 4"          [rtn4_asym]="--to gptq --algo rtn --bits 4 --asym"
   [rtn3]="--to gptq --algo rtn --bits 3"          [rtn3_asym]="--to gptq --algo rtn --bits 3 --asym"
   [gptq4_act]="--to gptq --bits 4 --act-order"   [gptq3_act]="--to gptq --bits 3 --act-order"
-  [awq4]="--to awq"                               [awq3]="--to gptq --algo awq --bits 3 --asym")
+  [awq4]="--to awq"                               [awq3]="--to gptq --algo awq --bits 3 --asym"
+  [awq4_clip]="--to awq --no-awq-scales --awq-clip-qk"
+  [awq3_clip]="--to gptq --algo awq --bits 3 --asym --no-awq-scales --awq-clip-qk")
 for name in "${!RUNS[@]}"; do
   extra=()
   [[ $name == rtn* ]] || extra=("${CAL[@]}")

@@ -194,6 +194,9 @@ def test_cli_convert_and_errors(src, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "awq",
                                   "--bits", "3"])
     assert r.exit_code == 2 and "Traceback" not in r.output and "3-bit awq" in r.output
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "gptq",
+                                  "--awq-clip-qk"])
+    assert r.exit_code == 2 and "only apply to the AWQ algorithm" in r.output
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "ct-w8a16",
                                   "--quiet"])
     assert r.exit_code == 0, r.output

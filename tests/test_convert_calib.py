@@ -182,3 +182,37 @@ def test_overlapping_calibration_windows_warn(src, capsys):
     ids = calib_ids(ConvertRequest("gptq", calib_samples=512, calib_seqlen=64), open_source(src))
     assert ids.shape[1] == 64
     assert "samples overlap" in capsys.readouterr().err
+
+
+def test_awq_switches_clip_only_and_clip_qk():
+    """--no-awq-scales leaves the norms (and every fold target) untouched and only clips;
+    --awq-clip-qk clips q/k as well, which are left as they are by default."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                   num_key_value_heads=4, num_hidden_layers=1, vocab_size=10)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+    def run(**kw):
+        torch.manual_seed(5)
+        layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(cfg, 0).eval()
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        mods = dict(layer.named_modules())
+        inputs = {n: _inputs(128, 4 * mods[n].in_features, seed=6)[:, :mods[n].in_features]
+                  for n in names}
+        awq_layer(layer, inputs, 4, 32, torch.float16, **kw)
+        after = layer.state_dict()
+        return {k: not torch.equal(before[k], after[k]) for k in before}
+
+    default, clip_only, clip_qk = run(), run(scales=False), run(scales=False, clip_qk=True)
+    assert default["input_layernorm.weight"] and default["post_attention_layernorm.weight"]
+    assert not any(clip_only[k] for k in clip_only if "norm" in k)
+    assert not clip_only["self_attn.q_proj.weight"] and not clip_only["self_attn.k_proj.weight"]
+    assert clip_only["self_attn.v_proj.weight"] and clip_only["mlp.down_proj.weight"]
+    assert clip_qk["self_attn.q_proj.weight"] and clip_qk["self_attn.k_proj.weight"]
+    with pytest.raises(ConfigError, match="AWQ algorithm"):
+        ConvertRequest("gptq", awq_clip_qk=True)
+    with pytest.raises(ConfigError, match="AWQ algorithm"):
+        ConvertRequest("gptq", algo="rtn", awq_scales=False)
+    assert not ConvertRequest("awq", awq_scales=False, awq_clip_qk=True).awq_scales

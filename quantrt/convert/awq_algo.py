@@ -11,8 +11,14 @@ shapes allow, gate/up after the post-attention norm, down after up):
   tokens wins (a = 0 is plain RTN, so the search never does worse than RTN on them);
 * the winner is applied exactly: prev /= s (norm weight, or the rows of v / up), W *= s;
 * clip search: per output row and group, the range shrink in [0.5, 1] that minimises
-  that group's output error; q/k are not clipped (their errors are amplified by the
-  attention softmax, as the AWQ authors found).
+  that group's output error; q/k are not clipped by default (their errors are amplified
+  by the attention softmax, as the AWQ authors found).
+
+Two switches exist because on the demo model (SmolLM2-135M, already Q4_1) the published
+recipe loses to plain asymmetric RTN (BENCHMARKS.md, "Convert: quality"): every linear's
+output error falls with the searched scales, yet perplexity rises, and clipping q/k too
+is what helps most.  ``scales=False`` keeps only the clip search (s = 1, nothing folded
+into the norms); ``clip_qk=True`` clips q/k like the other linears.
 """
 from __future__ import annotations
 
@@ -108,9 +114,10 @@ def _scale_prev(prev: nn.Module, s: torch.Tensor) -> None:
 
 @torch.no_grad()
 def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], bits: int, group_size: int,
-              scale_dtype) -> None:
+              scale_dtype, scales: bool = True, clip_qk: bool = False) -> None:
     """Apply AWQ scales and clipping to one transformers decoder layer in place;
-    ``inputs`` maps linear names (``self_attn.q_proj``...) to sampled inputs [M, K]."""
+    ``inputs`` maps linear names (``self_attn.q_proj``...) to sampled inputs [M, K].
+    ``scales``: run the scale search (else clipping only); ``clip_qk``: clip q/k too."""
     mods = dict(layer.named_modules())
     plan = [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
             ("self_attn.v_proj", ["self_attn.o_proj"]),
@@ -118,7 +125,7 @@ def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], bits: int, grou
             ("mlp.up_proj", ["mlp.down_proj"])]
     for prev_name, names in plan:
         prev = mods.get(prev_name)
-        if prev is None or any(n not in mods for n in names):
+        if not scales or prev is None or any(n not in mods for n in names):
             continue
         linears = [mods[n] for n in names]
         if isinstance(prev, nn.Linear) and prev.weight.shape[0] != linears[0].weight.shape[1]:
@@ -131,7 +138,7 @@ def awq_layer(layer: nn.Module, inputs: dict[str, torch.Tensor], bits: int, grou
         for n in names:
             inputs[n] = inputs[n] / s  # what these linears now see
     for name, x in inputs.items():
-        if name.endswith(("q_proj", "k_proj")):
+        if not clip_qk and name.endswith(("q_proj", "k_proj")):
             continue
         m = mods[name]
         m.weight.copy_(search_clip(x, m.weight.float(), bits, group_size, scale_dtype))

@@ -172,7 +172,8 @@ def _quantize_layer(req: ConvertRequest, layer, hidden, pe, scale_dtype) -> dict
 
     col = _Collector(layer, linears, "awq", 0, batches=-(-hidden.shape[0] // BATCH))
     _forward(layer, hidden, pe)
-    awq_layer(layer, col.result(), req.bits, req.group_size, scale_dtype)
+    awq_layer(layer, col.result(), req.bits, req.group_size, scale_dtype,
+              scales=req.awq_scales, clip_qk=req.awq_clip_qk)
     for n in linears:
         w = mods[n].weight
         iw = rtn(w.float(), req.bits, req.group_size, False, scale_dtype)

@@ -32,6 +32,11 @@ def register(main: click.Group) -> None:
 @click.option("--damp", type=float, default=0.01, show_default=True,
               help="GPTQ dampening (fraction of the mean Hessian diagonal).")
 @click.option("--no-true-sequential", is_flag=True, help="GPTQ: one pass per layer.")
+@click.option("--awq-scales/--no-awq-scales", default=True, show_default=True,
+              help="AWQ: search per-channel scales; --no-awq-scales keeps only the clip "
+                   "search (better on the demo model, see BENCHMARKS.md).")
+@click.option("--awq-clip-qk", is_flag=True, help="AWQ: clip q_proj/k_proj too (AutoAWQ "
+                                                  "does not).")
 @click.option("--fp8-scheme", type=click.Choice(FP8_SCHEMES), default="tensor",
               show_default=True, help="--to fp8: tensor, channel or block (128x128) scales.")
 @click.option("--gguf-type", default="Q4_0", show_default=True,
@@ -43,7 +48,8 @@ def register(main: click.Group) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert_command(source: str, out: str, method: str, bits, group_size: int, sym,
                     act_order: bool, algo, calib, calib_samples: int, calib_seqlen: int,
-                    damp: float, no_true_sequential: bool, fp8_scheme: str, gguf_type: str,
+                    damp: float, no_true_sequential: bool, awq_scales: bool,
+                    awq_clip_qk: bool, fp8_scheme: str, gguf_type: str,
                     double_quant: bool, dtype: str, quiet: bool) -> None:
     """Quantize or transcode SOURCE (HF directory, .gguf, 'demo') into OUT.
 
@@ -65,7 +71,8 @@ def convert_command(source: str, out: str, method: str, bits, group_size: int, s
     req = ConvertRequest(method, bits=bits, group_size=group_size, sym=sym,
                          act_order=act_order, algo=algo, calib=calib,
                          calib_samples=calib_samples, calib_seqlen=calib_seqlen, damp=damp,
-                         true_sequential=not no_true_sequential, fp8_scheme=fp8_scheme,
+                         true_sequential=not no_true_sequential, awq_scales=awq_scales,
+                         awq_clip_qk=awq_clip_qk, fp8_scheme=fp8_scheme,
                          gguf_type=gguf_type, double_quant=double_quant, dtype=dtype)
     t0 = time.perf_counter()
     path = convert(source, out, req, progress=None if not quiet else False)

@@ -49,6 +49,8 @@ class ConvertRequest:
     calib_seqlen: int = 512
     damp: float = 0.01                # GPTQ dampening, fraction of mean(diag(H))
     true_sequential: bool = True
+    awq_scales: bool = True           # AWQ: search per-channel scales (False: clip only)
+    awq_clip_qk: bool = False         # AWQ: clip q/k too (AutoAWQ leaves them unclipped)
     fp8_scheme: str = "tensor"
     fp8_block: tuple[int, int] = (128, 128)
     gguf_type: str = "Q4_0"
@@ -102,6 +104,9 @@ class ConvertRequest:
                               hint="add --algo gptq or drop --act-order")
         if self.act_order and self.method == "awq":
             raise UnsupportedError("AWQ checkpoints have no g_idx, so no act-order")
+        if (not self.awq_scales or self.awq_clip_qk) and self.algo != "awq":
+            raise ConfigError("--no-awq-scales / --awq-clip-qk only apply to the AWQ "
+                              "algorithm", hint="add --algo awq (or --to awq)")
         if not 0 < self.damp < 1:
             raise ConfigError(f"--damp {self.damp}", hint="a fraction in (0, 1), e.g. 0.01")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
