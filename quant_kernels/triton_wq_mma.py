@@ -190,14 +190,16 @@ def _slab(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
                                     stride_qn, stride_xm)
         d3, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 1, M - 1), slab,
                                     stride_qn, stride_xm)
-        d4, x2 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 8, M - 1), slab,
-                                    stride_qn, stride_xm)
-        d5, x3 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 9, M - 1), slab,
-                                    stride_qn, stride_xm)
-        d6, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 8, M - 1), slab,
-                                    stride_qn, stride_xm)
-        d7, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 9, M - 1), slab,
-                                    stride_qn, stride_xm)
+        d4, d5, d6, d7, x2, x3 = d0, d1, d2, d3, x0, x1  # unused unless MB == 2
+        if MB == 2:
+            d4, x2 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 8, M - 1), slab,
+                                        stride_qn, stride_xm)
+            d5, x3 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 9, M - 1), slab,
+                                        stride_qn, stride_xm)
+            d6, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 8, M - 1), slab,
+                                        stride_qn, stride_xm)
+            d7, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 9, M - 1), slab,
+                                        stride_qn, stride_xm)
     else:
         xo = slab.to(tl.int64) * (SLAB * 2)
         if MB == 1:

@@ -129,13 +129,9 @@ class DecoderLayer(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         attn = self.self_attn(ropes, self.input_layernorm(h), kv, meta)
         if not self.sandwich:
-            norm = self.post_attention_layernorm
-            if not norm.fp32 and h.dim() == 2 and fused_ops.usable(h):
-                # GPU: residual add and the MLP's norm in one pass
-                h, x = fused_ops.add_rms_norm(h, attn, norm.weight, norm.eps)
-                return h + self.mlp(x)
+            # (on the GPU the model takes forward_fused instead)
             h = h + attn
-            return h + self.mlp(norm(h))
+            return h + self.mlp(self.post_attention_layernorm(h))
         h = h + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
