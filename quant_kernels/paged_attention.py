@@ -6,8 +6,9 @@ lengths and is safe to capture in a CUDA graph (no host-side shapes depend on th
 One program per (sequence, KV head, context split): the ``GROUP`` query heads that share
 the KV head are processed together, so each K/V block is read once per KV head (GQA), with
 an online softmax in fp32 over ``BLOCK_SIZE``-token pages.  Long contexts with few
-sequences are split over ``SPLITS`` programs (flash-decoding); a second kernel merges the
-partial maxima, sums and outputs.
+sequences are split over ``SPLITS`` programs (flash-decoding); the last split of a
+(sequence, KV head) to finish merges the partial maxima, sums and outputs in the same launch
+(a counter per pair, left at zero again), so a decode step costs one launch per layer.
 
 ``softcap`` (Gemma 2) caps each score as ``cap * tanh(score / cap)``; a constexpr, so the
 uncapped kernel compiles without it.
@@ -20,14 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
+from quant_kernels.triton_wq_tile import split_locks
+
 
 @triton.jit
 def _decode_kernel(
     # q [B, H, D]; caches [num_blocks, BLOCK_SIZE, Hk, D]; block tables [B, max_blocks] int32;
-    # context lengths [B] int32; partial outputs [SPLITS, B, H, D] fp32, max/sum [SPLITS, B, H]
-    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, po_ptr, pm_ptr, pl_ptr,
+    # context lengths [B] int32; partial outputs [SPLITS, B, H, D] fp32, max/sum [SPLITS, B, H];
+    # out [B, H, D]; counters [B * Hk] int32 (zero; left zero)
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, po_ptr, pm_ptr, pl_ptr, out_ptr, cnt_ptr,
     scale, window, softcap, B, H,
-    stride_qb, stride_qh,
+    stride_qb, stride_qh, stride_ob, stride_oh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_btb,
@@ -85,37 +89,40 @@ def _decode_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
-    row = (split * B + b) * H + heads
-    tl.store(pm_ptr + row, m, mask=g_mask)
-    tl.store(pl_ptr + row, l, mask=g_mask)
-    tl.store(po_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
-             mask=g_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _merge_kernel(
-    po_ptr, pm_ptr, pl_ptr, out_ptr,       # partials as above; out [B, H, D]
-    B, H, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_d = tl.arange(0, D_PAD)
-    d_mask = offs_d < HEAD_DIM
-    m = float("-inf")
-    for s in tl.static_range(SPLITS):
-        m = tl.maximum(m, tl.load(pm_ptr + (s * B + b) * H + h))
-    total = 0.0
-    acc = tl.zeros([D_PAD], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        row = (s * B + b) * H + h
-        ms = tl.load(pm_ptr + row)
-        w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m))
-        total += w * tl.load(pl_ptr + row)
-        acc += w * tl.load(po_ptr + row * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
-    out = tl.where(total > 0, acc / total, 0.0)  # context 0: a padding row of a graph batch
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=d_mask)
+    gd_mask = g_mask[:, None] & d_mask[None, :]
+    out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if SPLITS == 1:
+        # context 0 (a padding row of a graph batch) has l = 0: its output is 0
+        out = tl.where(l[:, None] > 0, acc / l[:, None], 0.0)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        row = (split * B + b) * H + heads
+        tl.store(pm_ptr + row, m, mask=g_mask)
+        tl.store(pl_ptr + row, l, mask=g_mask)
+        tl.store(po_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=gd_mask)
+        tl.debug_barrier()  # every thread's partial is issued before the release below
+        pair = b * tl.num_programs(1) + kvh
+        count = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel", scope="gpu")
+        if count == SPLITS - 1:
+            # the last split of this (sequence, KV head) merges all of them; .cg reads the
+            # other programs' partials from L2, never a stale L1 line
+            m_all = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            for sp in tl.static_range(SPLITS):
+                m_all = tl.maximum(m_all, tl.load(pm_ptr + (sp * B + b) * H + heads,
+                                                  mask=g_mask, other=float("-inf"),
+                                                  cache_modifier=".cg"))
+            total = tl.zeros([GROUP_PAD], dtype=tl.float32)
+            merged = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+            for sp in tl.static_range(SPLITS):
+                r = (sp * B + b) * H + heads
+                ms = tl.load(pm_ptr + r, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
+                w = tl.where(ms == float("-inf"), 0.0, tl.exp(ms - m_all))
+                total += w * tl.load(pl_ptr + r, mask=g_mask, other=0.0, cache_modifier=".cg")
+                merged += w[:, None] * tl.load(po_ptr + r[:, None] * HEAD_DIM + offs_d[None, :],
+                                               mask=gd_mask, other=0.0, cache_modifier=".cg")
+            out = tl.where(total[:, None] > 0, merged / total[:, None], 0.0)
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=gd_mask)
+            tl.atomic_xchg(cnt_ptr + pair, 0)
 
 
 def pick_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
@@ -152,20 +159,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = heads // kv_heads
     if splits is None:
         splits = pick_splits(bsz, kv_heads, block_tables.shape[1], q.device)
-    part = torch.empty(splits, bsz, heads, head_dim, device=q.device, dtype=torch.float32)
-    pm = torch.empty(splits, bsz, heads, device=q.device, dtype=torch.float32)
-    pl = torch.empty_like(pm)
+    out = torch.empty_like(q)
+    if splits > 1:
+        part = torch.empty(splits, bsz, heads, head_dim, device=q.device, dtype=torch.float32)
+        pm = torch.empty(splits, bsz, heads, device=q.device, dtype=torch.float32)
+        pl = torch.empty_like(pm)
+        counters = split_locks(q.device)
+        if bsz * kv_heads > counters.numel():
+            raise ValueError(f"{bsz} sequences x {kv_heads} KV heads exceed the "
+                             f"{counters.numel()} split counters")
+    else:
+        part = pm = pl = counters = out   # unused: one split writes its output directly
     d_pad = triton.next_power_of_2(head_dim)
     _decode_kernel[(bsz, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, pm, pl,
+        q, k_cache, v_cache, block_tables, context_lens, part, pm, pl, out, counters,
         scale, sliding_window or 0, float(softcap or 1.0), bsz, heads,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim, D_PAD=d_pad,
         BLOCK_SIZE=block_size, SPLITS=splits, SOFTCAP=softcap is not None, num_warps=4)
-    out = torch.empty_like(q)
-    _merge_kernel[(bsz, heads)](part, pm, pl, out, bsz, heads, out.stride(0), out.stride(1),
-                                HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS=splits, num_warps=1)
     return out

@@ -21,9 +21,23 @@ def loaded(tiny_dir):
     return load(tiny_dir, device="cpu", progress=False)
 
 
+_MODE = {}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["plain", "overlap"])
+def overlap_steps(request):
+    """Every test runs twice: reading each step's tokens at once, and overlapping steps
+    (the next decode launched before this one's tokens are read), which must change no
+    output, finish reason, text or block accounting."""
+    _MODE["overlap_steps"] = request.param
+    yield request.param
+    _MODE.clear()
+
+
 def _engine(loaded, **kw):
     from quantrt.engine.llm_engine import EngineConfig, LLMEngine
 
+    kw.setdefault("overlap_steps", _MODE.get("overlap_steps", False))
     kw.setdefault("kv_cache_memory", 4 << 20)
     kw.setdefault("block_size", 4)
     return LLMEngine(loaded, EngineConfig(**kw))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from quantrt.engine.block_manager import BlockManager, KVUsage
-from quantrt.engine.model_runner import ModelRunner, kv_bytes_per_token
+from quantrt.engine.model_runner import ModelRunner, PendingStep, kv_bytes_per_token
 from quantrt.engine.outputs import TokenLogprob
 from quantrt.engine.scheduler import Scheduler
 from quantrt.engine.sequence import FinishReason, SamplingParams, Sequence, make_group
@@ -34,6 +34,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True                # decode steps replay captured graphs on CUDA
     tensor_parallel_size: int = 1           # ranks (processes, one GPU each) per model
+    # Launch the next decode step before reading this one's tokens, so the host's step work
+    # runs while the device computes.  None: on for CUDA with one process.
+    overlap_steps: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
@@ -43,8 +46,9 @@ class EngineConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("enable_prefix_caching", "cuda_graphs"):
-            if not isinstance(getattr(self, name), bool):
+        for name in ("enable_prefix_caching", "cuda_graphs", "overlap_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "overlap_steps"):
                 raise ConfigError(f"{name} must be True or False")
 
     @classmethod
@@ -113,6 +117,13 @@ class LLMEngine:
             executor.call("init_runner", *runner_args)
         self.runner = ModelRunner(lm, *runner_args[0], **runner_args[1], executor=executor)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        overlap = config.overlap_steps
+        if overlap is None:
+            overlap = lm.device.type == "cuda" and executor is None
+        elif overlap and executor is not None:
+            raise ConfigError("overlap_steps is not available with tensor parallelism")
+        self.overlap = overlap
+        self._pending: PendingStep | None = None   # launched, tokens not read yet
         self.streams: dict[int, Any] = {}
         self.requests: dict[str, list[Sequence]] = {}    # unfinished requests by id
         self._ids = itertools.count()
@@ -177,6 +188,7 @@ class LLMEngine:
             return False
         for seq in group:
             if not seq.finished:
+                seq.drop_pending()
                 seq.finish_reason = FinishReason.ABORT
                 if seq.seq_id in self.streams and self.streams[seq.seq_id] is None:
                     seq.output_text = self.tokenizer.decode(seq.output_ids)
@@ -184,7 +196,7 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._pending is not None
 
     def kv_usage(self) -> KVUsage:
         """Cache slots in use vs slots holding K/V right now (fragmentation of the last block)."""
@@ -192,14 +204,78 @@ class LLMEngine:
 
     # -- stepping -----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Run one step; returns the tokens that became known.  With ``overlap_steps`` a
+        decode step is launched before the previous step's tokens are read, so those
+        come back one call later (its inputs come from the device's copy of them)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not self._can_overlap(pending):
+            return self._read(pending)
         batch = self.scheduler.schedule()
         if not batch:
+            if pending is not None:
+                return self._read(pending)
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with work pending")
             return []
-        sampled = self.runner.step(batch, self.blocks)
+        if pending is not None and any(n != 1 or seq.pending != 1 for seq, n in batch):
+            raise RuntimeError("an overlapped step must decode the unread tokens")
+        defer = self.overlap and all(
+            self.runner.sampler.deferrable(seq) and not seq.fork_targets() for seq, _ in batch)
+        if not defer and pending is None:   # the plain path: one step, read at once
+            sampled = self.runner.step(batch, self.blocks)
+            self._commit(batch)
+            return self._accept_all(sampled)
+        launched = self.runner.launch(batch, self.blocks, prev=pending, defer=defer)
+        outputs = self._read(pending) if pending is not None else []
+        self._commit(batch)
+        if defer:
+            for seq in launched.seqs:
+                if seq.finished:   # ended on the token just read: this step's is void
+                    continue
+                seq.output_ids.append(-1)   # a placeholder, so the scheduler sees its length
+                seq.pending += 1
+                seq.draining = (len(seq.output_ids) >= seq.params.max_tokens
+                                or len(seq) >= self.max_model_len)
+            self._pending = launched
+        else:
+            outputs += self._accept_all(launched.result())
+        return outputs
+
+    def _can_overlap(self, pending: PendingStep) -> bool:
+        """Whether the next step can be launched before ``pending`` is read: it must be a
+        decode of exactly the sequences whose tokens are unread, which the scheduler will
+        choose without preempting (blocks suffice) or admitting (no seat is free)."""
+        running = [s for s in self.scheduler.running if not s.draining]
+        if not running or any(s.pending != 1 for s in running) \
+                or len(running) > self.config.max_num_batched_tokens:
+            return False
+        waiting = self.scheduler.waiting
+        if waiting and self.scheduler.seats_taken() + waiting[0].seats <= self.config.max_num_seqs:
+            return False
+        need = sum(self.blocks.blocks_needed(s, 1) for s in running)
+        return need <= self.blocks.num_free
+
+    def _read(self, pending: PendingStep) -> list[StepOutput]:
+        """Put ``pending``'s tokens in place of their placeholders and act on them."""
+        outputs = []
+        for seq, tok, lp in pending.result():
+            if seq.finished:   # ended on an earlier token (or aborted): this one is void
+                continue
+            k = len(seq.output_ids) - seq.pending
+            seq.output_ids[k] = tok
+            seq.pending -= 1
+            text = self._accept(seq, k, tok, lp)
+            outputs.append(StepOutput(seq, text, tok, seq.finished, lp))
+        return outputs
+
+    def _commit(self, batch: list[tuple[Sequence, int]]) -> None:
+        # name the blocks this step filled; called once the tokens they hold are all known
         for seq, n in batch:
-            self.blocks.commit(seq, seq.num_cached - n)
+            if not seq.finished:
+                self.blocks.commit(seq, seq.num_cached - n)
+
+    def _accept_all(self, sampled: list[tuple[Sequence, int, TokenLogprob | None]]
+                    ) -> list[StepOutput]:
         # Fork before appending: the parent may finish on this very token and free its blocks.
         for seq, _, _ in sampled:
             if seq.awaiting_fork:
@@ -208,13 +284,15 @@ class LLMEngine:
                 self.scheduler.add_forked(seq)
         outputs = []
         for seq, tok, lp in sampled:
-            text = self._append(seq, tok, lp)
+            seq.output_ids.append(tok)
+            text = self._accept(seq, len(seq.output_ids) - 1, tok, lp)
             outputs.append(StepOutput(seq, text, tok, seq.finished, lp))
         return outputs
 
-    def _append(self, seq: Sequence, tok: int, lp: TokenLogprob | None) -> str:
+    def _accept(self, seq: Sequence, k: int, tok: int, lp: TokenLogprob | None) -> str:
+        """Act on output token ``k`` of ``seq`` (already in output_ids): logprobs, text,
+        stop conditions.  Returns the text that became final."""
         p = seq.params
-        seq.output_ids.append(tok)
         if lp is not None:
             seq.logprobs.append(lp)
             seq.cumulative_logprob += lp.logprob
@@ -225,10 +303,12 @@ class LLMEngine:
         seq.output_text += piece
         if stop_tok or p.stop and self._hit_stop(seq, before):
             seq.finish_reason = FinishReason.STOP
-        elif len(seq.output_ids) >= p.max_tokens or len(seq) >= self.max_model_len:
+        elif k + 1 >= p.max_tokens or len(seq.prompt_ids) + k + 1 >= self.max_model_len:
             if stream is not None:
                 seq.output_text += stream.flush()
             seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            seq.drop_pending()   # tokens sampled after the last one are void
         if stream is None and seq.finish_reason is not None:
             seq.output_text = self.tokenizer.decode(seq.output_ids[:-1] if stop_tok
                                                     else seq.output_ids)

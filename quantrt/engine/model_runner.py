@@ -30,6 +30,39 @@ class StepInputs:
     qlens: list[int]
     rows: list[int]          # rows of the flat batch whose logits are needed
     decode_only: bool        # one new token per sequence: CUDA graphs may replay
+    # ids are rows of the previous step's sampled-token tensor (still on the device)
+    ids_from_prev: bool = False
+
+
+class PendingStep:
+    """A launched step's sampled tokens: on the device, with a non-blocking copy to the host
+    under way when the step was deferred; ``result`` waits for them."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor | None,
+                 logprobs: list[TokenLogprob | None], defer: bool) -> None:
+        self.seqs = seqs
+        self.tokens = tokens              # int64 [len(seqs)] on the device
+        self.logprobs = logprobs
+        self.row = {seq: i for i, seq in enumerate(seqs)}
+        self._host: torch.Tensor | list[int] | None = None
+        self._event = None
+        if tokens is None:
+            self._host = []
+        elif defer and tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        elif not defer:
+            self._host = tokens.tolist()
+
+    def result(self) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._host, self._event = self._host.tolist(), None
+        elif self._host is None:   # deferred on the CPU: the values are there already
+            self._host = self.tokens.tolist()
+        return list(zip(self.seqs, self._host, self.logprobs))
 
 
 def kv_heads(model: torch.nn.Module) -> int:
@@ -145,8 +178,11 @@ class ModelRunner:
         return self.run_local(inp)
 
     @torch.inference_mode()
-    def run_local(self, inp: StepInputs) -> torch.Tensor:
+    def run_local(self, inp: StepInputs, prev: torch.Tensor | None = None) -> torch.Tensor:
         ids, pos, meta, rows = self._tensors(inp)
+        if inp.ids_from_prev:
+            ids = prev if ids.shape[0] == prev.shape[0] and inp.ids == list(range(len(inp.ids))) \
+                else prev.index_select(0, ids)
         if self.graphs is not None and inp.decode_only \
                 and self.graphs.fits(len(inp.ctx), meta.block_tables.shape[1]):
             logits = self.graphs.run(ids, pos, meta)  # one row per sequence
@@ -160,6 +196,15 @@ class ModelRunner:
         """Run one step; returns (sequence, next token, its logprobs) for every sequence whose
         last token was computed, plus the completions forked from a prompt just prefilled
         (they sample their first token from the same logits row)."""
+        return self.launch(batch, blocks).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: list[tuple[Sequence, int]], blocks: BlockManager,
+               prev: PendingStep | None = None, defer: bool = False) -> PendingStep:
+        """Start one step.  ``prev``: the unread step whose tokens are the inputs of this
+        one (every sequence of ``batch`` decodes the token ``prev`` sampled for it).
+        ``defer``: leave this step's tokens on the device (a copy to the host is started);
+        no sequence of the batch may want logprobs or penalties (``Sampler.deferrable``)."""
         rows, expand, sample_seqs, end = [], [], [], 0
         for seq, n in batch:
             end += n
@@ -169,15 +214,25 @@ class ModelRunner:
                     sample_seqs.append(s)
                 rows.append(end - 1)
         inp = self._inputs(batch, blocks, rows)
+        if prev is not None:
+            if self.executor is not None:
+                raise RuntimeError("steps cannot overlap under tensor parallelism")
+            inp.ids = [prev.row[seq] for seq, _ in batch]
+            inp.ids_from_prev = True
         for seq, n in batch:
             seq.num_cached += n
-        logits = self.execute(inp)
+        if self.executor is not None:
+            self.executor.call("execute", inp)
+        logits = self.run_local(inp, None if prev is None else prev.tokens)
         if not sample_seqs:
-            return []
+            return PendingStep([], None, [], defer)
         if len(expand) > len(rows):
             logits = logits[expand]
-        tokens, logprobs = self.sampler(logits, sample_seqs)
-        return list(zip(sample_seqs, tokens, logprobs))
+        raw = logits.float()
+        tokens = self.sampler.sample(raw, sample_seqs)
+        logprobs = [None] * len(sample_seqs) if defer else \
+            self.sampler.logprobs(raw, tokens, sample_seqs)
+        return PendingStep(sample_seqs, tokens, logprobs, defer)
 
     @torch.inference_mode()
     def logits_for(self, prompt_ids: list[int], blocks: BlockManager) -> torch.Tensor:

@@ -96,16 +96,29 @@ class Sampler:
                  ) -> tuple[list[int], list[TokenLogprob | None]]:
         """Row i of ``logits`` belongs to ``seqs[i]`` -> (tokens, logprobs per row)."""
         raw = logits.float()
+        tokens = self.sample(raw, seqs)
+        return tokens.tolist(), self.logprobs(raw, tokens, seqs)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next tokens as an int64 tensor on the logits' device; nothing waits for the
+        device, so an engine can read them a step later (see ``deferrable``)."""
+        raw = logits.float()
         penalized = [s.params.needs_penalties for s in seqs]
         logits = apply_penalties(raw.clone(), seqs) if any(penalized) else raw
         tokens = logits.argmax(-1)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             tokens[rows] = self._draw(logits[rows], [seqs[i] for i in rows])
-        return tokens.tolist(), self._logprobs(raw, tokens, seqs)
+        return tokens
 
     @staticmethod
-    def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
+    def deferrable(seq: Sequence) -> bool:
+        """Whether this sequence's token can be read from the device one step late: its
+        penalties would need the token on the host now, and logprobs are read with it."""
+        return not seq.params.needs_penalties and seq.params.logprobs is None
+
+    @staticmethod
+    def logprobs(raw: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]
                   ) -> list[TokenLogprob | None]:
         out: list[TokenLogprob | None] = [None] * len(seqs)
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]

@@ -65,6 +65,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.draining:   # its last token is still on the device; it ends when read
+                i += 1
+                continue
             n = min(len(seq) - seq.num_cached, budget)
             while not self.blocks.can_grow(seq, n):
                 victim = self.running[-1]

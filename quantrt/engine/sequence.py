@@ -143,6 +143,12 @@ class Sequence:
     # full prompt blocks.
     group: list[Sequence] = field(default_factory=list)
     awaiting_fork: bool = False
+    # Tokens sampled on the device but not read yet (an engine that overlaps steps): the
+    # last ``pending`` entries of output_ids are placeholders until the engine reads them.
+    # ``draining``: its placeholder is its last token (length limit), so it is not
+    # scheduled again before that token is read.
+    pending: int = 0
+    draining: bool = False
 
     def __post_init__(self) -> None:
         if not self.group:
@@ -156,6 +162,13 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def drop_pending(self) -> None:
+        """Forget unread tokens (the sequence finished before they were read)."""
+        if self.pending:
+            del self.output_ids[-self.pending:]
+            self.pending = 0
+        self.draining = False
 
     @property
     def finished(self) -> bool:
