@@ -182,8 +182,8 @@ def _packed(n=4, k=64, bs=64):
     (dict(blocksize=48, shape=(4, 96)), "block size 48 is not a multiple of 32"),
     (dict(shape=(4, 100)), "K=100 is not a multiple of the block size 64: absmax blocks "
                            "straddle weight rows"),
-    (dict(packed=torch.zeros(64, 1, dtype=torch.uint8), shape=(4, 64)), "64 bytes, but a "
-                                                                         r"\[4, 64\] weight has 128"),
+    (dict(packed=torch.zeros(64, 1, dtype=torch.uint8)), r"64 bytes, but a \[4, 64\] weight "
+                                                          "has 128"),
     (dict(absmax=torch.ones(3)), "absmax must hold 4 floats"),
     (dict(code=torch.ones(15)), "16 floats"),
     (dict(wdtype=torch.int8), "weight dtype torch.int8"),
@@ -242,3 +242,59 @@ def test_fake_impl_and_compile():
     assert all(v == "SUCCESS" for v in result.values()), result
     compiled = torch.compile(lambda x: lut4_matmul(x, w) * 2, backend="eager", fullgraph=True)
     assert torch.equal(compiled(x), lut4_matmul(x, w) * 2)
+
+
+# ----------------------------------------------------------------------------- GPU
+# Compiles dominate: the small odd shapes use pinned configs; the autotuned shapes are
+# multiples of 64 like the benchmark's.
+GPU_CASES = CASES[::3]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=_id)
+def test_gpu_small_shapes(case):
+    m, n, qt, bs, dtype, wdtype = case
+    k = bs * (3 if bs < 256 else 2)
+    w = make_weight(n, k, qt, bs, wdtype, device="cuda", seed=3)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    safe = k4.SAFE_CONFIG_M1 if m == 1 else k4.SAFE_CONFIG
+    check(x, w, run=lambda x, w, o: k4.fused(x, w, o, config=safe))
+    check(x, w, run=lambda x, w, o: t4.dequant_matmul(x, w, o))
+    check(x, w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [64, 128])
+@pytest.mark.parametrize("dtype,m", [*[(torch.float16, m) for m in (1, 4, 16, 64, 256, 1024)],
+                                     (torch.bfloat16, 1), (torch.bfloat16, 64)])
+def test_gpu_autotuned(bs, dtype, m):
+    w = make_weight(1024, 4096, "nf4", bs, device="cuda", seed=m)
+    check(torch.randn(m, 4096, device="cuda", dtype=dtype), w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs", [32, 64])
+def test_gpu_every_config(bs):
+    # compile and check each config (the autotuner silently skips one that fails in ptxas)
+    w = make_weight(320, 1024, "fp4", bs, torch.bfloat16, device="cuda")
+    for cfg in k4.CONFIGS + [k4.SAFE_CONFIG, k4.SAFE_CONFIG_M1]:
+        if not k4.tile_ok(cfg.kwargs["BLOCK_K"], bs, w.k):
+            continue
+        m = 1 if cfg.kwargs["BLOCK_M"] == 1 else 2 * cfg.kwargs["BLOCK_M"] - 5  # ragged M tile
+        check(torch.randn(m, 1024, device="cuda").half(), w,
+              run=lambda x, w, o: k4.fused(x, w, o, config=cfg))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_and_compile():
+    w = make_weight(512, 1024, "nf4", 64, device="cuda")
+    x = torch.randn(4, 1024, device="cuda").half()
+    ref = lut4_matmul(x, w)  # warm-up: autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = lut4_matmul(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(y, lut4_matmul(x, w)) and not torch.equal(y, ref)
+    compiled = torch.compile(lambda x: lut4_matmul(x, w) + 1, fullgraph=True)
+    assert rel_err(compiled(x), lut4_matmul(x, w) + 1) < 1e-3
