@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 from quantrt.errors import ConfigError
 from quantrt.estimate.arch import Weight
-from quantrt.estimate.layouts import (DTYPE_BYTES, Layout, RepackedToWQ, TensorSpec, cdiv,
-                                     component_match)
+from quantrt.estimate.layouts import (DTYPE_BYTES, TRITON_AUTOTUNE_BYTES, Layout, RepackedToWQ,
+                                     TensorSpec, cdiv, component_match)
 
 # bitsandbytes writes the double-quant offset (a float32 mean) with Python's repr, so the
 # JSON blob's length depends on the data: 17 significant digits make it 18-20 characters,
@@ -27,7 +27,9 @@ class BnB4(Layout):
     storage: str = "uint8"
     skip_modules: tuple[str, ...] = ("lm_head",)
     family: ClassVar[str] = "bitsandbytes"
-    dequantizes_weights: ClassVar[bool] = True
+    dequantizes_weights: ClassVar[bool] = True  # the large-M path expands, then cuBLAS
+    # The fused code-book kernel (quant_kernels/triton_lut4) autotunes on first use.
+    kernel_workspace: ClassVar[int] = TRITON_AUTOTUNE_BYTES
 
     def __post_init__(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):

@@ -1,5 +1,10 @@
 """Kernels for the bitsandbytes layouts.
 
+* :class:`TritonLut4Kernel` (CUDA + Triton): NF4/FP4 through the fused code-book
+  dequant-matmul of ``quant_kernels.triton_lut4`` (codes stay packed, looked up per tile
+  in registers; no dense weight per call).  Needs every absmax block inside one weight row
+  (``K % blocksize == 0``, true of every real model) and block sizes that are multiples
+  of 32; shards with one code book, block size and dtype run as one matmul.
 * :class:`Lut4Kernel`: NF4/FP4 code books are not integer-affine, so none of the integer
   kernels applies.  The codes stay packed (two per byte); each call expands them through a
   256-entry byte -> (high code, low code) table, scales each block by its absmax (double
@@ -23,6 +28,7 @@ from quantrt.quant.packed import PackedKernel, ReferenceKernel
 @dataclass
 class _Codes:
     packed: torch.Tensor    # uint8 [ceil(n / 2)], first value of each pair in the high nibble
+    code: torch.Tensor      # float32 [16]: the code book
     pairs: torch.Tensor     # float32 [256, 2]: the two code values a byte stands for
     absmax: torch.Tensor    # float32 [ceil(n / blocksize)]
     blocksize: int
@@ -52,8 +58,55 @@ def _codes(raw: dict, meta: dict, rows: int, cols: int, device: torch.device) ->
     packed = raw["weight"].contiguous().reshape(-1)
     if packed.dtype != torch.uint8:  # bnb_4bit_quant_storage: the same bytes, another dtype
         packed = packed.view(torch.uint8)
-    return _Codes(packed.to(device), pairs.to(device), absmax.float().to(device),
-                  int(meta["blocksize"]), (rows, cols), getattr(torch, meta["dtype"]))
+    return _Codes(packed.to(device), code.to(device), pairs.to(device),
+                  absmax.float().to(device), int(meta["blocksize"]), (rows, cols),
+                  getattr(torch, meta["dtype"]))
+
+
+class TritonLut4Kernel(PackedKernel):
+    name = "triton-lut4 (fused 4-bit code-book dequant-matmul)"
+
+    @classmethod
+    def can_implement(cls, method, layer, device, policy):
+        why = fast_kernel_refusal(policy, device, "cuda")
+        if why:
+            return False, why
+        from quant_kernels import triton_lut4
+
+        if not triton_lut4.HAS_TRITON:
+            return False, "triton is not installed"
+        if getattr(layer, "bnb_meta", None) is None:
+            return False, "not a bitsandbytes 4-bit layer"
+        if layer.params_dtype not in (torch.float16, torch.bfloat16):
+            return False, f"needs float16/bfloat16 activations, not {layer.params_dtype}"
+        for meta, rows in zip(layer.bnb_meta, layer.output_sizes):
+            why = triton_lut4.layout_refusal(rows, layer.input_size, int(meta["blocksize"]))
+            if why:
+                return False, why
+        return True, ""
+
+    def __init__(self, method, layer, device) -> None:
+        from quant_kernels.triton_lut4 import concat_lut4, mergeable, pack_lut4
+
+        pieces: list[list] = []
+        for raw, meta, rows in zip(layer.raw_shards, layer.bnb_meta, layer.output_sizes):
+            c = _codes(raw, meta, rows, layer.input_size, device)
+            w = pack_lut4(c.packed, c.absmax, c.code, c.blocksize, c.shape, c.dtype)
+            if pieces and mergeable(pieces[-1][-1], w):
+                pieces[-1].append(w)
+            else:  # another code book, block size or dtype: its own matmul
+                pieces.append([w])
+        self.parts = [concat_lut4(p) for p in pieces]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from quant_kernels.triton_lut4 import lut4_matmul
+
+        if len(self.parts) == 1:
+            return lut4_matmul(x, self.parts[0])
+        return torch.cat([lut4_matmul(x, w) for w in self.parts], dim=-1)
+
+    def tensors(self):
+        return [t for w in self.parts for t in (w.codes, w.absmax, w.lut)]
 
 
 class Lut4Kernel(PackedKernel):
@@ -120,4 +173,5 @@ class CpuInt8Kernel(PackedKernel):
         return [self.q, self.scales]
 
 
-LUT4_KERNELS: tuple[type[PackedKernel], ...] = (Lut4Kernel, ReferenceKernel)
+LUT4_KERNELS: tuple[type[PackedKernel], ...] = (TritonLut4Kernel, Lut4Kernel,
+                                                 ReferenceKernel)
