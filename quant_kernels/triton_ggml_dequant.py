@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from . import gguf_ref_iquants as iq
@@ -134,11 +135,15 @@ def dequantize(raw: torch.Tensor, ggml_type: int, cols: int | None = None,
                dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
                values_per_program: int = VALUES_PER_PROGRAM) -> torch.Tensor:
     """GGML bytes as stored (uint8 ``[rows, row_bytes]``, on CUDA) -> ``[rows, cols]`` in
-    ``dtype``; ``out`` (same shape and dtype, rows contiguous) is written in place."""
+    ``dtype``; ``out`` (same shape and dtype, rows contiguous) is written in place.
+    While torch.compile traces, the call goes through the custom op
+    ``torch.ops.quantrt.ggml_dequant`` (with a fake impl)."""
     if not HAS_TRITON:
         raise ValueError("the Triton dequant needs triton installed")
     qtype = _type_of(ggml_type)
     rows, n = _check(raw, qtype, cols, dtype, out)
+    if out is None and (torch.compiler.is_compiling() or is_fake(raw)):
+        return _dequant_op(raw, int(qtype), n, dtype)
     if values_per_program < 1 or values_per_program & (values_per_program - 1):
         raise ValueError(f"values_per_program={values_per_program} must be a power of two")
     if out is None:
@@ -156,6 +161,17 @@ def dequantize(raw: torch.Tensor, ggml_type: int, cols: int | None = None,
         DEQ=TYPES[qtype].fn(), BLOCK=block, TYPE_SIZE=size, SB=sb,
         BF16_OUT=dtype == torch.bfloat16, num_warps=4)
     return out
+
+
+@torch.library.custom_op("quantrt::ggml_dequant", mutates_args=())
+def _dequant_op(raw: torch.Tensor, ggml_type: int, cols: int, dtype: torch.dtype
+                ) -> torch.Tensor:
+    return dequantize(raw, ggml_type, cols, dtype)
+
+
+@_dequant_op.register_fake
+def _dequant_fake(raw, ggml_type, cols, dtype):
+    return raw.new_empty((raw.shape[0], cols), dtype=dtype)
 
 
 __all__ = ["dequantize", "SUPPORTED", "TYPES", "HAS_TRITON", "VALUES_PER_PROGRAM"]

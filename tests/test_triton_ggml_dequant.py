@@ -138,6 +138,17 @@ def test_bad_input_is_refused(monkeypatch):
         tgd.dequantize(raw, t)
 
 
+def test_traced_through_custom_op():
+    # torch.compile sees the custom op (its fake impl gives the shape), not the launch
+    qtype = Q.IQ1_M
+    raw = torch.from_numpy(_random_blocks(qtype, 17, 1, seed=6))
+    x = torch.randn(2, 256)
+    fn = torch.compile(lambda x, r: x @ tgd.dequantize(r, int(qtype), 256, torch.float32).t(),
+                       backend="aot_eager", fullgraph=True)
+    want = x @ gguf_ref.dequantize(raw, int(qtype)).t()
+    assert torch.equal(fn(x, raw), want)
+
+
 # ----------------------------------------------------------------------------- layer kernel
 def test_kernel_choice():
     from quantrt.quant.ggml_kernels import (CpuGGMLKernel, DequantKernel, GGMLTensor,
