@@ -75,6 +75,7 @@ FILE_TYPES = {
     Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     Q.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
     Q.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    Q.MXFP4: gguf.LlamaFileType.MOSTLY_MXFP4_MOE,  # a type without a fused GPU kernel
 }
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -197,7 +198,7 @@ def convert_hf_to_gguf(model_dir: str | Path, out_path: str | Path, qtype: Q | s
                        name: str | None = None, arch_name: str | None = None) -> Path:
     """Write ``out_path`` from the HF checkpoint in ``model_dir``; return ``out_path``.
 
-    ``qtype`` is the type of every 2-D weight (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0; block types
+    ``qtype`` is the type of every 2-D weight (F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, MXFP4; block types
     need every row length to be a multiple of 32).  ``arch_name`` overrides only the
     ``general.architecture`` string (and the metadata key prefix), e.g. to produce a file that
     declares an architecture llama.cpp itself never writes."""

@@ -232,7 +232,7 @@ def test_ptx_dequant_recipe(qtype):
 
 # ----------------------------------------------------------------------------- selection
 def test_ggml_kernel_choice():
-    from quantrt.quant.ggml_kernels import (DequantKernel, GGMLTensor, TritonG16Kernel,
+    from quantrt.quant.ggml_kernels import (GGMLTensor, TritonDequantKernel, TritonG16Kernel,
                                             TritonWQKernel, pick_kernel)
 
     cuda = torch.device("cuda")
@@ -244,7 +244,7 @@ def test_ggml_kernel_choice():
         assert "no WQWeight layout" in dict(refused)[TritonWQKernel.name]
     iq = GGMLTensor(torch.zeros(4, 136, dtype=torch.uint8), int(Q.IQ4_XS), (4, 256))
     kernel, refused = pick_kernel(iq, cuda, "auto")
-    assert kernel is DequantKernel
+    assert kernel is TritonDequantKernel
     assert "IQ4_XS has no 16-value sub-blocks" in dict(refused)[TritonG16Kernel.name]
     assert pick_kernel(t, torch.device("cpu"), "auto")[0] is not TritonG16Kernel
 

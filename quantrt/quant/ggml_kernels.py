@@ -165,6 +165,36 @@ class DequantKernel(GGMLKernel):
         return F.linear(x, self.raw.to_float(x.dtype))
 
 
+class TritonDequantKernel(GGMLKernel):
+    """The GGML types without a fused kernel (I-quants, MXFP4/NVFP4, TQ1_0/TQ2_0, Q8_K) on
+    CUDA: each call expands the bytes as stored with a Triton kernel
+    (quant_kernels/triton_ggml_dequant.py) into x's dtype, then cuBLAS.  The dense weight
+    is transient, so memory stays that of the GGUF."""
+
+    name = "triton-dequant + F.linear (cuBLAS)"
+
+    @classmethod
+    def can_implement(cls, w: GGMLTensor, device: torch.device, policy: str) -> tuple[bool, str]:
+        from quant_kernels import triton_ggml_dequant as tgd
+
+        why = fast_kernel_refusal(policy, device, "cuda")
+        if why:
+            return False, why
+        if not tgd.HAS_TRITON:
+            return False, "triton is not installed"
+        if w.ggml_type not in tgd.TYPES:
+            return False, f"{w.type_name} has no Triton dequant kernel"
+        return True, ""
+
+    def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
+        self.data, self.ggml_type, self.cols = w.data.contiguous(), w.ggml_type, w.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from quant_kernels import triton_ggml_dequant as tgd
+
+        return F.linear(x, tgd.dequantize(self.data, self.ggml_type, self.cols, x.dtype))
+
+
 class _RepackedTritonKernel(GGMLKernel):
     """A GGML weight repacked once at load into a fused Triton kernel's layout; subclasses
     name the layout: the GGML types it takes, the repack and the matmul."""
@@ -266,7 +296,8 @@ class TritonG16Kernel(_RepackedTritonKernel):
 
 
 GGML_KERNELS: tuple[type[GGMLKernel], ...] = (DenseKernel, TritonWQKernel, TritonG16Kernel,
-                                              CpuGGMLKernel, CpuInt4PackKernel, DequantKernel)
+                                              CpuGGMLKernel, CpuInt4PackKernel,
+                                              TritonDequantKernel, DequantKernel)
 
 
 def pick_kernel(w: GGMLTensor, device: torch.device, policy: str
