@@ -40,6 +40,41 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
              rng.randint(64, 512)) for _ in range(n)]
 
 
+def step_stats(engine) -> dict:
+    """Wrap ``engine.step`` to sum wall time per kind of step: decode-only steps by batch
+    size (buckets of 64) and steps holding prefill tokens (with their token count)."""
+    stats: dict = {}
+    schedule, step = engine.scheduler.schedule, engine.step
+    last: dict = {}
+
+    def scheduled():
+        batch = schedule()
+        last["batch"] = batch
+        return batch
+
+    def timed():
+        last["batch"] = []
+        t = time.perf_counter()
+        out = step()
+        dt = time.perf_counter() - t
+        batch = last["batch"]
+        if not batch:
+            kind = "read-only"
+        elif all(n == 1 for _, n in batch):
+            kind = f"decode<= {-(-len(batch) // 64) * 64}"
+        else:
+            kind = "with-prefill"
+        row = stats.setdefault(kind, dict(steps=0, s=0.0, tokens=0))
+        row["steps"] += 1
+        row["s"] = round(row["s"] + dt, 4)
+        row["tokens"] += sum(n for _, n in batch)
+        return out
+
+    engine.scheduler.schedule, engine.step = scheduled, timed
+    stats["_restore"] = step
+    return stats
+
+
 def bench_ours(path: Path, args, reqs) -> dict:
     from quantrt import LLM, SamplingParams
 
@@ -47,7 +82,7 @@ def bench_ours(path: Path, args, reqs) -> dict:
     t0 = time.perf_counter()
     llm = LLM(str(path), device="cuda", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_batched_tokens, enable_prefix_caching=False,
-              cuda_graphs=not args.eager)
+              cuda_graphs=not args.eager, overlap_steps=not args.no_overlap)
     load_s = time.perf_counter() - t0
     prompt = list(range(300, 332))
     sp = SamplingParams(max_tokens=args.single_tokens, temperature=0.0, ignore_eos=True)
@@ -55,13 +90,23 @@ def bench_ours(path: Path, args, reqs) -> dict:
     t = time.perf_counter()
     out = llm.generate([prompt], sp)
     single = len(out[0].outputs[0].token_ids) / (time.perf_counter() - t)
+    # the same stream reading every step's tokens at once (no overlapped steps), same engine
+    llm.engine.overlap = False
+    t = time.perf_counter()
+    out = llm.generate([prompt], sp)
+    single_plain = len(out[0].outputs[0].token_ids) / (time.perf_counter() - t)
+    llm.engine.overlap = not args.no_overlap
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in reqs]
+    stats = step_stats(llm.engine)
     t = time.perf_counter()
     outs = llm.generate([p for p, _ in reqs], params)
     dt = time.perf_counter() - t
+    llm.engine.step = stats.pop("_restore")
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     res = dict(load_s=round(load_s, 1), single_tok_s=round(single, 1),
+               single_plain_tok_s=round(single_plain, 1),
                offline_tok_s=round(gen / dt, 1), offline_s=round(dt, 1), generated=gen,
+               offline_steps=stats,
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     del llm, outs
     torch.cuda.empty_cache()
@@ -122,6 +167,8 @@ def main() -> None:
     ap.add_argument("--hf-single-tokens", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (for comparison)")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="read every step's tokens before the next step (for comparison)")
     args = ap.parse_args()
     import transformers
     import triton

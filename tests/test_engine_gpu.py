@@ -35,3 +35,26 @@ def test_graphs_match_eager(kind, tmp_path):
         assert e.token_ids == g.token_ids
         for le, lg in zip(e.logprobs, g.logprobs):
             assert abs(le.logprob - lg.logprob) < tol
+
+
+@pytest.mark.parametrize("kind", ["fp32-tiny", "awq-fp16"])
+def test_overlapped_steps_match_plain(kind, tmp_path):
+    """Overlapped steps on the GPU: input ids come from the device's sampled tokens, read
+    back through a pinned copy a step late; same tokens as reading every step at once."""
+    from quantrt import LLM, SamplingParams
+
+    if kind == "fp32-tiny":
+        source, dtype = make_tiny_model(tmp_path / "m", seed=3), "float32"
+    else:
+        source, dtype = FIXTURES / "awq_gemm_g64", "float16"
+    outs = {}
+    for overlap in (False, True):
+        llm = LLM(str(source), device="cuda", dtype=dtype, max_num_seqs=4, block_size=4,
+                  overlap_steps=overlap)
+        assert llm.engine.overlap == overlap and llm.engine.runner.graphs is not None
+        params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0.0 if i % 2 else 0.7,
+                                 seed=i, ignore_eos=True) for i in range(len(PROMPTS))]
+        outs[overlap] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+        assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+        assert llm.engine._pending is None
+    assert outs[True] == outs[False]
