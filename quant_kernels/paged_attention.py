@@ -4,8 +4,9 @@ Reads block tables and context lengths from device memory, so one launch serves 
 lengths and is safe to capture in a CUDA graph (no host-side shapes depend on the lengths).
 
 One program per (sequence, KV head, context split): the ``GROUP`` query heads that share
-the KV head are processed together, so each K/V block is read once per KV head (GQA), with
-an online softmax in fp32 over ``BLOCK_SIZE``-token pages.  Long contexts with few
+the KV head are processed together as the rows of tensor-core dots, so each K/V block is
+read once per KV head (GQA), with an online softmax in fp32 over tiles of
+``TOKENS_PER_TILE`` tokens (gathered from several pages through the block table).  Long contexts with few
 sequences are split over ``SPLITS`` programs (flash-decoding); the last split of a
 (sequence, KV head) to finish merges the partial maxima, sums and outputs in the same launch
 (a counter per pair, left at zero again), so a decode step costs one launch per layer.
@@ -23,6 +24,12 @@ import triton.language as tl
 
 from quant_kernels.triton_wq_tile import split_locks
 
+# Tokens per loop step.  The first kernel walked one 16-token page per step with a
+# broadcast-multiply-sum: ~1.2 ms per layer for 256 sequences of ~650 tokens on the H100
+# (10x the KV bytes' copy time), latency-bound on one page in flight.  Several pages per
+# step as MMA tiles keep enough bytes in flight (scripts/bench_decode_attention.py).
+TOKENS_PER_TILE = 64
+
 
 @triton.jit
 def _decode_kernel(
@@ -35,8 +42,9 @@ def _decode_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_btb,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, SPLITS: tl.constexpr, SOFTCAP: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -44,50 +52,53 @@ def _decode_kernel(
     ctx = tl.load(ctx_ptr + b)
     # keys [lo, ctx): a sliding window keeps the last `window` of them (0: no window)
     lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
-    first_blk = lo // BLOCK_SIZE
-    n_blk = tl.cdiv(ctx, BLOCK_SIZE) - first_blk
-    per_split = tl.cdiv(n_blk, SPLITS)
-    blk_lo = first_blk + split * per_split
-    blk_hi = tl.minimum(blk_lo + per_split, first_blk + n_blk)
+    first = lo // BLOCK_N
+    n_tiles = tl.cdiv(ctx, BLOCK_N) - first
+    per_split = tl.cdiv(n_tiles, SPLITS)
+    t_lo = first + split * per_split
+    t_hi = tl.minimum(t_lo + per_split, first + n_tiles)
 
-    offs_g = tl.arange(0, GROUP_PAD)
+    offs_g = tl.arange(0, ROWS)
     offs_d = tl.arange(0, D_PAD)
-    offs_s = tl.arange(0, BLOCK_SIZE)
+    offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
+    # the GQA group's query heads are the rows of an MMA (padded to its 16-row minimum: the
+    # tensor cores are idle in decode anyway, and a tile of BLOCK_N tokens per step keeps
+    # BLOCK_N * D * 2 bytes of K and V in flight instead of one page)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    q = q * scale
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
 
-    m = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
-    for i in range(blk_lo, blk_hi):
-        page = tl.load(bt_ptr + b * stride_btb + i).to(tl.int64)
-        pos = i * BLOCK_SIZE + offs_s
+    m = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
+    for t in range(t_lo, t_hi):
+        pos = t * BLOCK_N + offs_n
         s_mask = (pos < ctx) & (pos >= lo)
+        # each token's page from the block table: a tile spans BLOCK_N / BLOCK_SIZE pages
+        page = tl.load(bt_ptr + b * stride_btb + pos // BLOCK_SIZE, mask=pos < ctx,
+                       other=0).to(tl.int64)
+        slot = pos % BLOCK_SIZE
         kv_mask = s_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + page * stride_kb + offs_s[:, None] * stride_ks + kvh * stride_kh
-                    + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + page * stride_vb + offs_s[:, None] * stride_vs + kvh * stride_vh
-                    + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        # [G, S]: decode is bandwidth-bound, so broadcast-multiply-sum instead of tl.dot
-        # (whose 16-row minimum would waste most of a GQA group of 1-8 heads)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+        k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks
+                    + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs
+                    + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [ROWS, BLOCK_N]
         if SOFTCAP:
             # tanh from exp of a non-positive argument, so it never overflows
             x = s / softcap
             e = tl.exp(-2.0 * tl.abs(x))
-            t = (1.0 - e) / (1.0 + e)
-            s = softcap * tl.where(x < 0, -t, t)
+            th = (1.0 - e) / (1.0 + e)
+            s = softcap * tl.where(x < 0, -th, th)
         s = tl.where(s_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # a split that has seen no key yet keeps m = -inf; exp of (-inf) - (-inf) is nan
         alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
         p = tl.where(s_mask[None, :], tl.exp(s - m_new[:, None]), 0.0)
         l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
     gd_mask = g_mask[:, None] & d_mask[None, :]
     out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -106,13 +117,13 @@ def _decode_kernel(
         if count == SPLITS - 1:
             # the last split of this (sequence, KV head) merges all of them; .cg reads the
             # other programs' partials from L2, never a stale L1 line
-            m_all = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+            m_all = tl.full([ROWS], float("-inf"), dtype=tl.float32)
             for sp in tl.static_range(SPLITS):
                 m_all = tl.maximum(m_all, tl.load(pm_ptr + (sp * B + b) * H + heads,
                                                   mask=g_mask, other=float("-inf"),
                                                   cache_modifier=".cg"))
-            total = tl.zeros([GROUP_PAD], dtype=tl.float32)
-            merged = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+            total = tl.zeros([ROWS], dtype=tl.float32)
+            merged = tl.zeros([ROWS, D_PAD], dtype=tl.float32)
             for sp in tl.static_range(SPLITS):
                 r = (sp * B + b) * H + heads
                 ms = tl.load(pm_ptr + r, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
@@ -125,16 +136,19 @@ def _decode_kernel(
             tl.atomic_xchg(cnt_ptr + pair, 0)
 
 
-def pick_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device) -> int:
-    """Context splits so that sequences x KV heads x splits fills the GPU (flash-decoding);
-    a function of shapes only, so a captured graph keeps a valid choice."""
+def pick_splits(batch: int, kv_heads: int, max_tokens: int, device: torch.device,
+                tokens_per_tile: int = TOKENS_PER_TILE) -> int:
+    """Context splits so that sequences x KV heads x splits fills the GPU (flash-decoding),
+    each split keeping at least two tiles of the longest context (``max_tokens``: the block
+    table's width in tokens); a function of shapes only, so a captured graph keeps a valid
+    choice."""
+    tiles = -(-max_tokens // tokens_per_tile)
     if device.type != "cuda":
-        return 2 if max_blocks >= 2 else 1  # exercise the merge in interpreted tests
+        return 2 if tiles >= 2 else 1  # exercise the merge in interpreted tests
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     programs = batch * kv_heads
     splits = 1
-    while programs * splits * 2 <= 2 * sms and splits * 2 <= max(1, max_blocks // 4) \
-            and splits < 16:
+    while programs * splits * 2 <= 2 * sms and splits * 4 <= tiles and splits < 16:
         splits *= 2
     return splits
 
@@ -142,7 +156,8 @@ def pick_splits(batch: int, kv_heads: int, max_blocks: int, device: torch.device
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None, splits: int | None = None,
-                           softcap: float | None = None) -> torch.Tensor:
+                           softcap: float | None = None,
+                           tokens_per_tile: int = TOKENS_PER_TILE) -> torch.Tensor:
     """q [B, H, D] (one query per sequence, at position context_len - 1) -> [B, H, D]."""
     bsz, heads, head_dim = q.shape
     _nb, block_size, kv_heads, d2 = k_cache.shape
@@ -154,11 +169,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"block size must be a power of two, got {block_size}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q and the caches must be contiguous in the head dimension")
+    if tokens_per_tile < 16 or tokens_per_tile & (tokens_per_tile - 1):
+        raise ValueError(f"tokens_per_tile must be a power of two >= 16, got {tokens_per_tile}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
     group = heads // kv_heads
     if splits is None:
-        splits = pick_splits(bsz, kv_heads, block_tables.shape[1], q.device)
+        splits = pick_splits(bsz, kv_heads, block_tables.shape[1] * block_size, q.device,
+                             tokens_per_tile)
     out = torch.empty_like(q)
     if splits > 1:
         part = torch.empty(splits, bsz, heads, head_dim, device=q.device, dtype=torch.float32)
@@ -170,7 +188,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                              f"{counters.numel()} split counters")
     else:
         part = pm = pl = counters = out   # unused: one split writes its output directly
-    d_pad = triton.next_power_of_2(head_dim)
+    d_pad = max(16, triton.next_power_of_2(head_dim))
     _decode_kernel[(bsz, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, part, pm, pl, out, counters,
         scale, sliding_window or 0, float(softcap or 1.0), bsz, heads,
@@ -178,6 +196,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim, D_PAD=d_pad,
-        BLOCK_SIZE=block_size, SPLITS=splits, SOFTCAP=softcap is not None, num_warps=4)
+        GROUP=group, ROWS=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=tokens_per_tile, SPLITS=splits,
+        SOFTCAP=softcap is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
     return out

@@ -46,7 +46,8 @@ OLD_REPS = 3
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="ggml_dequant.json")
+    ap.add_argument("--out", default="ggml_dequant.json", help="JSON file, or a folder to "
+                    "put ggml_dequant.json in")
     ap.add_argument("--types", default="", help="comma-separated GGML type names (default all)")
     ap.add_argument("--sweep", action="store_true", help="time values_per_program choices")
     ap.add_argument("--no-old", action="store_true", help="skip the slow old-path timing")
@@ -222,8 +223,9 @@ def main() -> int:
     result = dict(device=name, torch=torch.__version__, triton=triton.__version__,
                   copy_GBps=copy_bw, values_per_program=tgd.VALUES_PER_PROGRAM,
                   seconds=round(time.monotonic() - start, 1), skipped=skipped, rows=rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    out = Path(args.out) / "ggml_dequant.json" if Path(args.out).is_dir() else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -152,6 +152,16 @@ def bench_hf(path: Path, args, reqs) -> dict:
     return res
 
 
+def checkpoint(work: Path, shape: str, fmt: str) -> Path:
+    """The random-init checkpoint of ``shape`` in ``fmt``, made unless it exists."""
+    path = work / f"{shape}-{fmt}"
+    if not (path / "config.json").exists():
+        t = time.perf_counter()
+        mrc.make(shape, fmt, path)
+        print(f"made {path} in {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b")
@@ -178,17 +188,12 @@ def main() -> None:
         vocab = mrc.SHAPES[shape]["vocab_size"]
         reqs = workload(args.requests, vocab)
         hf = None
+        if not args.no_hf:  # HF runs the bf16 checkpoint whatever formats we run
+            hf = bench_hf(checkpoint(args.work, shape, "bf16"), args, reqs)
+            print(shape, "bf16", "hf", hf, flush=True)
         for fmt in args.formats.split(","):
-            path = args.work / f"{shape}-{fmt}"
-            if not (path / "config.json").exists():
-                t = time.perf_counter()
-                mrc.make(shape, fmt, path)
-                print(f"made {path} in {time.perf_counter() - t:.0f} s", flush=True)
-            ours = bench_ours(path, args, reqs)
+            ours = bench_ours(checkpoint(args.work, shape, fmt), args, reqs)
             print(shape, fmt, "ours", ours, flush=True)
-            if fmt == "bf16" and not args.no_hf:
-                hf = bench_hf(path, args, reqs)
-                print(shape, fmt, "hf", hf, flush=True)
             rows.append(dict(shape=shape, format=fmt, ours=ours, hf_bf16=hf))
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, transformers=transformers.__version__,

@@ -135,8 +135,11 @@ def main() -> None:
     ap.add_argument("--blocksize", type=int, default=64)
     ap.add_argument("--ms", default=None, help="M values, comma-separated")
     ap.add_argument("--shapes", default=None, help="KxN,...")
-    ap.add_argument("--out", default="lut4.json")
+    ap.add_argument("--out", default="lut4.json", help="JSON file, or a folder to put "
+                    "lut4.json in")
     args = ap.parse_args()
+    if os.path.isdir(args.out):
+        args.out = os.path.join(args.out, "lut4.json")
     cpu = args.cpu_check
     if not cpu and not torch.cuda.is_available():
         sys.exit("bench_lut4: needs a CUDA GPU (or --cpu-check for the interpreter run)")

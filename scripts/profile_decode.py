@@ -1,14 +1,18 @@
-"""Where a single-stream decode step's time goes: GPU kernels of one greedy stream on the
-engine, grouped by kernel name, per step (issue 5's single-stream target).
+"""Where a decode step's time goes: GPU kernels of one greedy stream (issue 5's
+single-stream target) or of --batch concurrent streams (its offline target) on the engine,
+grouped by kernel name, per step.
 
     PYTHONPATH=. python scripts/profile_decode.py --shape llama-3-8b --format awq --out DIR
+    PYTHONPATH=. python scripts/profile_decode.py --batch 256 --prompt-len 640 --tokens 16
 
 Builds the random-init checkpoint (scripts/make_random_checkpoint.py) unless it exists,
 generates --tokens tokens once to warm up (CUDA graphs captured, kernels tuned), then
 again under torch.profiler, with CUDA graphs (the benchmarked configuration) and, with
 --eager, also without.  Per run it prints: wall ms per step, GPU busy ms per step (sum of
 kernel times), and every kernel's count and microseconds per step, largest first; the same
-goes to DIR/profile_decode.json.
+goes to DIR/profile_decode.json.  With --batch B > 1: B requests of --prompt-len random
+tokens are prefilled first (not profiled); then --tokens decode steps of all B are timed
+and another --tokens are profiled.
 """
 from __future__ import annotations
 
@@ -90,6 +94,46 @@ def profile(path: Path, tokens: int, graphs: bool) -> dict:
                 **gaps, kernels=rows)
 
 
+def profile_batch(path: Path, tokens: int, batch: int, prompt_len: int) -> dict:
+    """--tokens decode steps of ``batch`` streams, after their prompts are prefilled."""
+    import random
+
+    from quantrt import LLM, SamplingParams
+
+    llm = LLM(str(path), device="cuda", max_num_seqs=batch, enable_prefix_caching=False,
+              max_num_batched_tokens=max(8192, prompt_len))
+    eng, rng = llm.engine, random.Random(0)
+    vocab = eng.lm.config.vocab_size
+    sp = SamplingParams(max_tokens=3 * tokens + 8, temperature=0.0, ignore_eos=True)
+    for _ in range(batch):
+        eng.add_request([rng.randrange(vocab // 4, vocab) for _ in range(prompt_len)], sp,
+                        stream_text=False)
+    sched = eng.scheduler
+    while sched.waiting or any(s.num_cached < len(s.prompt_ids) for s in sched.running):
+        eng.step()
+    for _ in range(4):  # graphs of this batch size captured, overlapped steps under way
+        eng.step()
+    running = len(sched.running)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(tokens):
+        eng.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / tokens
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(tokens):
+            eng.step()
+        torch.cuda.synchronize()
+    busy, rows, gaps = kernel_table(prof, tokens)
+    llm.shutdown()
+    del llm, eng
+    torch.cuda.empty_cache()
+    return dict(cuda_graphs=True, batch=running, prompt_len=prompt_len,
+                wall_ms_per_step=round(wall * 1e3, 3), tok_s=round(running / wall, 1),
+                gpu_busy_ms_per_step=round(busy / 1e3, 3), **gaps, kernels=rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama-3-8b", choices=sorted(mrc.SHAPES))
@@ -98,21 +142,29 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/qrt_bench_ckpt"))
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--eager", action="store_true", help="also profile without CUDA graphs")
+    ap.add_argument("--batch", type=int, default=1, help="concurrent streams (decode only)")
+    ap.add_argument("--prompt-len", type=int, default=640, help="prompt tokens with --batch")
     args = ap.parse_args()
+    if args.batch < 1 or args.prompt_len < 1 or args.tokens < 1:
+        ap.error("--batch, --prompt-len and --tokens must be >= 1")
     path = args.work / f"{args.shape}-{args.format}"
     if not (path / "config.json").exists():
         t = time.perf_counter()
         mrc.make(args.shape, args.format, path)
         print(f"made {path} in {time.perf_counter() - t:.0f} s", flush=True)
-    runs = [profile(path, args.tokens, True)]
-    if args.eager:
+    if args.batch > 1:
+        runs = [profile_batch(path, args.tokens, args.batch, args.prompt_len)]
+    else:
+        runs = [profile(path, args.tokens, True)]
+    if args.eager and args.batch == 1:
         runs.append(profile(path, args.tokens, False))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "profile_decode.json").write_text(json.dumps(
         dict(device=torch.cuda.get_device_name(), torch=torch.__version__, shape=args.shape,
              format=args.format, tokens=args.tokens, runs=runs), indent=1))
     for r in runs:
-        print(f"\n== cuda_graphs={r['cuda_graphs']}: {r['wall_ms_per_step']} ms/step wall "
+        print(f"\n== batch {r.get('batch', 1)}, cuda_graphs={r['cuda_graphs']}: "
+              f"{r['wall_ms_per_step']} ms/step wall "
               f"({r['tok_s']} tok/s), GPU busy {r['gpu_busy_ms_per_step']} ms/step, idle "
               f"{r['launch_gaps_us_per_step']} us in launch gaps (< {HOST_GAP_US:.0f} us) and "
               f"{r['host_gaps_us_per_step']} us in host gaps per step (under the profiler)")
