@@ -29,7 +29,8 @@ Dispatch on M (rows of x after flattening leading dims):
 
 * M <= DECODE_MAX_M: the weight-stationary kernel with split K (``triton_lut4_kernels``):
   an FMA path at M == 1, tensor cores (M padded to 16) otherwise;
-* M < DEQUANT_GEMM_MIN_M: the same kernel with M tiles of 32..128;
+* M < DEQUANT_GEMM_MIN_M: the same kernel with M tiles of 32..128 (an empty range on the
+  H100's measurements: see the constant);
 * from DEQUANT_GEMM_MIN_M on: a Triton kernel expands the whole weight to x.dtype once,
   then cuBLAS (the expansion is amortized over M rows; the fused kernel re-expands each
   weight tile for every M tile).
@@ -56,12 +57,12 @@ except ImportError:  # pragma: no cover - hosts without Triton keep the torch pa
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_M = 16
-# NOT MEASURED: the crossover the integer formats measured on the H100 (triton_wq: the
-# fused GEMM lost to dequant + cuBLAS from M = 512).  The code-book dequant costs more per
-# weight than the integer one (a table gather, a multiply and up to two roundings), which
-# favours an earlier switch; scripts/bench_lut4.py times both paths at every M so that
-# this constant can be set from an H100 table.
-DEQUANT_GEMM_MIN_M = 512
+# Measured on the H100 (scripts/bench_lut4.py, NF4 blocksize 64, 8192x8192, BENCHMARKS.md):
+# Triton expansion + cuBLAS 123 us at M = 64 and 129 us at M = 256, flat in M, against the
+# fused tiled kernel's 185 and 394 us (its per-value gather and roundings are repeated for
+# every M tile) and the decode kernel's 141 us at M = 16.  So every M above the decode range
+# takes the expansion; the fused M tiles stay reachable through ``_k.fused`` (tests).
+DEQUANT_GEMM_MIN_M = DECODE_MAX_M + 1
 # The smallest K tile of the kernels: block sizes must be multiples of it.
 MIN_BLOCK_K = 32
 WEIGHT_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # -> kernels' WROUND
@@ -194,6 +195,11 @@ def dequant_matmul(x: torch.Tensor, w: Lut4Weight, out: torch.Tensor | None = No
                    ) -> torch.Tensor:
     """The large-M path: Triton expansion of the whole weight to x.dtype, then cuBLAS."""
     dense = _k.expand(w, x.dtype)
+    if x.device.type != "cuda":
+        # the interpreter's CPU run: CPU bf16 GEMMs do not keep an fp32 sum throughout (4e-3
+        # relative error at K = 384), cuBLAS does; the CPU tests check the GPU's semantics
+        y = torch.mm(x.float(), dense.float().t()).to(x.dtype)
+        return y if out is None else out.copy_(y)
     return torch.mm(x, dense.t()) if out is None else torch.mm(x, dense.t(), out=out)
 
 

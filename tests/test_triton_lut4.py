@@ -71,29 +71,33 @@ def oracle_weight(w, dtype: torch.dtype) -> torch.Tensor:
     return _to(_to(v, w.wdtype).float(), dtype)
 
 
-def expected(x: torch.Tensor, w) -> torch.Tensor:
+def expected(x: torch.Tensor, w, torch_cast: bool = False) -> torch.Tensor:
+    """``torch_cast``: the output is cast by torch (the dequant + matmul path), not by an
+    interpreted kernel."""
     if not INTERPRET:
         return t4.lut4_reference(x, w)
-    return _to(x.float() @ oracle_weight(w, x.dtype).float().t(), x.dtype)
+    y = x.float() @ oracle_weight(w, x.dtype).float().t()
+    return y.to(x.dtype) if torch_cast else _to(y, x.dtype)
 
 
 def rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def check(x, w, run=None):
+def check(x, w, run=None, torch_cast=False):
     """Run into a NaN-poisoned buffer: every element written, close to the oracle."""
     poison = torch.full((*x.shape[:-1], w.n), float("nan"), dtype=x.dtype, device=x.device)
     y = lut4_matmul(x, w, out=poison) if run is None else run(x, w, poison)
     assert y.shape == (*x.shape[:-1], w.n) and y.dtype == x.dtype
     assert not torch.isnan(poison).any(), "output elements left unwritten"
-    err = rel_err(poison, expected(x, w))
+    err = rel_err(poison, expected(x, w, torch_cast))
     assert err < TOL[x.dtype], f"relative error {err:.3g}"
     return err
 
 
 # every code book x block size x activation dtype; (M, N) and the weight's own dtype
-# rotate over odd shapes (M 1: FMA path, 3: tensor cores, 17: an M tile of 32; N 23 and
+# rotate over odd shapes (M 1: FMA path, 3: tensor cores, 17: dispatched to the expansion
+# + matmul, and the fused kernel's M tile of 32 called directly; N 23 and
 # 49: one ragged N tile, two tiles); K = 3 blocks (2 for 256), an odd number of K tiles
 MN = [(1, 23), (3, 49), (17, 23), (1, 49), (3, 23), (17, 49)]
 WDTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -113,7 +117,10 @@ def test_matches_reference(case):
     k = bs * (3 if bs < 256 else 2)
     w = make_weight(n, k, qt, bs, wdtype, seed=CASES.index(case))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k)).to(dtype)
-    check(x, w)
+    dense = m >= t4.DEQUANT_GEMM_MIN_M  # dispatched to the expansion + matmul
+    check(x, w, torch_cast=dense)
+    if m > t4.DECODE_MAX_M:  # the fused kernel's M tiles, called directly
+        check(x, w, run=lambda x, w, o: k4.fused(x, w, o))
     # the functional path gives what out= gives
     assert torch.equal(lut4_matmul(x, w), lut4_matmul(x, w, out=torch.empty(m, n, dtype=dtype)))
 
