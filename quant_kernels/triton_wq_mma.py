@@ -19,7 +19,9 @@ grows with M.  Here the FMA pipes only unpack and the tensor cores do the dot pr
   tensor cores sum exact products ``q * x`` in fp32); ~13 instructions per word;
 * scales and biases are applied per slab in fp32 to the MMA results: ``acc += s * D +
   b * X``, where ``X`` (the slab's activation sums) comes from one more MMA with an
-  all-ones A.  So any group that is a multiple of 128 (or per-channel) works;
+  all-ones A.  So any group that is a multiple of 128 (or per-channel) works;  groups of
+  32 or 64 (GGUF Q4_0/Q4_1, HQQ) instead dequantize the A fragments with each lane's own
+  scale and bias (``triton_wq_mma_ptx``: "lane-scaled");
 * activation rows are the MMA's N dimension: 8 per MMA (``MB`` = 1 for M <= 8, 2 up to 16),
   so M = 1..16 cost nearly the same;
 * the warps of a program split its K range; their partial sums meet in one reduction.
@@ -38,87 +40,12 @@ import triton
 import triton.language as tl
 
 from .triton_wq_tile import INTERPRET, autotune_kwargs, device_fn, launch_tuned
+from .triton_wq_mma_lane import LANE_GROUPS, SLAB, SLAB_K, slab_lane_scaled
+from .triton_wq_mma_ptx import (ASM_BF16_1, ASM_BF16_2, ASM_F16_1, ASM_F16_2, ASM_LOAD1,
+                                ASM_LOAD2, C1, C2, C_LOAD1, C_LOAD2)
 from .wq_layout import WQWeight, num_sms
 
-SLAB_K = 128  # K columns per step of a warp (16 bytes of each row per lane)
-SLAB = tl.constexpr(SLAB_K)
 MAX_M = 16  # activation rows: two 8-column MMA blocks
-
-
-# ----------------------------------------------------------------------------- PTX
-# One row tile per warp: the operand lists stay short enough to write out in the kernel.
-# Words: words 4q..4q+3 of row r, then of row r + 8 (16-byte loads that bypass L1: every
-# weight byte is read once).
-# One slab: $0..$7 (row r, then r + 8), addresses $8, $9.
-ASM_LOAD1 = tl.constexpr(
-    "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$8];\n"
-    "ld.global.nc.L1::no_allocate.v4.b32 {$4, $5, $6, $7}, [$9];")
-# Two slabs: $0..$7 slab a (row r, then r + 8), $8..$15 slab b; addresses $16..$19.
-ASM_LOAD2 = tl.constexpr("\n".join(
-    f"ld.global.nc.L1::no_allocate.v4.b32 {{${4 * i}, ${4 * i + 1}, ${4 * i + 2}, "
-    f"${4 * i + 3}}}, [${16 + i}];" for i in range(4)))
-
-
-def _ptx_compute(mb: int, bf16: bool) -> str:
-    """Outputs: [4 MB] D fragments, then [2 MB] activation sums X (columns 2q, 2q+1).
-    Inputs: 8 words, MB activation addresses (64 bytes each), the lane index."""
-    t16 = "bf16" if bf16 else "f16"
-    magic = "0x43004300" if bf16 else "0x64006400"
-    one = "0x3F803F80" if bf16 else "0x3C003C00"
-    nd, nx = 4 * mb, 2 * mb
-    i_w = nd + nx
-    i_xa = i_w + 8
-    i_lane = i_xa + mb
-    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{t16}.{t16}.f32"
-    accs = [f"d{i}" for i in range(nd)] + [f"s{i}" for i in range(4 * mb)]
-    xs = [f"x{i}" for i in range(16 * mb)]
-    body = ["{", ".reg .b32 mg, one, lid, t, a0, a1, a2, a3;",
-            ".reg .b32 " + ", ".join(f"h{i}" for i in range(8)) + ";",
-            ".reg .b32 " + ", ".join(xs) + ";",
-            ".reg .f32 " + ", ".join(accs) + ";", ".reg .pred bad;",
-            f"mov.b32 mg, {magic};", f"mov.b32 one, {one};"]
-    for nb in range(mb):
-        for v in range(4):
-            o = 16 * nb + 4 * v
-            body.append(f"ld.global.nc.v4.b32 {{x{o}, x{o + 1}, x{o + 2}, x{o + 3}}}, "
-                        f"[${i_xa + nb} + {16 * v}];")
-    body += [f"mov.f32 {a}, 0f00000000;" for a in accs]
-    body += [f"shr.u32 h{i}, ${i_w + i}, 4;" for i in range(8)]
-
-    def pair(dst, word, byte):
-        # byte `byte` of the word in the low half and of word >> 4 in the high half,
-        # one nibble each under the magic exponent, minus the magic: exact q pairs
-        sel = hex(byte | byte << 4 | (4 + byte) << 8 | (4 + byte) << 12)
-        return (f"prmt.b32 t, ${i_w + word}, h{word}, {sel}; "
-                f"lop3.b32 t, t, 0x000F000F, mg, 0xEA; sub.{t16}x2 {dst}, t, mg;")
-    for t in range(8):
-        j, h = divmod(t, 2)
-        body += [pair("a0", j, 2 * h), pair("a1", 4 + j, 2 * h),
-                 pair("a2", j, 2 * h + 1), pair("a3", 4 + j, 2 * h + 1)]
-        for nb in range(mb):
-            b = f"{{x{16 * nb + 2 * t}, x{16 * nb + 2 * t + 1}}}"
-            d = ", ".join(f"d{4 * nb + i}" for i in range(4))
-            sx = ", ".join(f"s{4 * nb + i}" for i in range(4))
-            body.append(f"{mma} {{{d}}}, {{a0, a1, a2, a3}}, {b}, {{{d}}};")
-            body.append(f"{mma} {{{sx}}}, {{one, one, one, one}}, {b}, {{{sx}}};")
-    # the fragments assume element i of the program's tensors sits in lane i % 32: poison
-    # the results if Triton ever lays them out otherwise
-    body += ["mov.u32 lid, %laneid;", f"setp.ne.u32 bad, lid, ${i_lane};",
-             "@bad mov.f32 s0, 0f7FC00000;", "@bad mov.f32 d0, 0f7FC00000;"]
-    body += [f"mov.f32 ${i}, d{i};" for i in range(nd)]
-    body += [f"mov.f32 ${nd + 2 * nb + c}, s{4 * nb + c};" for nb in range(mb) for c in range(2)]
-    return "\n".join(body + ["}"])
-
-
-ASM_F16_1 = tl.constexpr(_ptx_compute(1, False))
-ASM_F16_2 = tl.constexpr(_ptx_compute(2, False))
-ASM_BF16_1 = tl.constexpr(_ptx_compute(1, True))
-ASM_BF16_2 = tl.constexpr(_ptx_compute(2, True))
-# constraints: D and X outputs, 8 words, activation addresses, lane
-C_LOAD1 = tl.constexpr("=r," * 8 + "l,l")
-C_LOAD2 = tl.constexpr("=r," * 16 + "l,l,l,l")
-C1 = tl.constexpr("=f," * 6 + "r," * 8 + "l,r")
-C2 = tl.constexpr("=f," * 12 + "r," * 8 + "l,l,r")
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -166,12 +93,13 @@ def _load_words1(wq_lo, wq_hi, sa):
 
 
 @device_fn
-def _slab(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
-          qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
-          stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
-          GS: tl.constexpr, MB: tl.constexpr, DTYPE: tl.constexpr):
-    """One 128-column slab: the 16 x (8 MB) MMA block of this warp's rows, scaled and
-    added to the accumulators (where ``valid``)."""
+def _slab_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
+                 stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
+                 GS: tl.constexpr, MB: tl.constexpr, DTYPE: tl.constexpr):
+    """One 128-column slab, groups of a multiple of 128 (or per-channel): the 16 x (8 MB)
+    MMA block of this warp's rows, scaled per slab and added to the accumulators (where
+    ``valid``)."""
     if GS == 0:
         g = 0
     else:
@@ -233,6 +161,26 @@ def _slab(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
+@device_fn
+def _slab(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+          qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
+          stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
+          GS: tl.constexpr, MB: tl.constexpr, DTYPE: tl.constexpr,
+          SMALL_G: tl.constexpr):
+    """One 128-column slab of this warp's rows into the accumulators."""
+    if SMALL_G > 0:
+        a0, a1, a2, a3, a4, a5, a6, a7 = slab_lane_scaled(
+            a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, qw_ptr, x_ptr,
+            s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M, stride_qn,
+            stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G, MB, DTYPE)
+    else:
+        a0, a1, a2, a3, a4, a5, a6, a7 = _slab_scaled(
+            a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, qw_ptr, x_ptr,
+            s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M, stride_qn,
+            stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, GS, MB, DTYPE)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
 @triton.jit(do_not_specialize=["M", "N"])
 def _wq_mma_kernel(
     # activations [M, K] (rows 16-byte aligned), packed 4-bit weight [N, K / 8] (rows
@@ -246,6 +194,8 @@ def _wq_mma_kernel(
     # slabs per loop iteration (1 or 2; the next iteration's are loaded meanwhile): two
     # keep more bytes in flight, one needs fewer registers (more programs per SM)
     PAIR: tl.constexpr = 2,
+    # groups of 32 or 64 columns (0: GS applies): scales go into the A fragments
+    SMALL_G: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -303,7 +253,7 @@ def _wq_mma_kernel(
                 a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn,
-                stride_sg, stride_bn, stride_bg, GS, MB, DTYPE)
+                stride_sg, stride_bn, stride_bg, GS, MB, DTYPE, SMALL_G)
             if not INTERPRET_C:
                 w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
         else:
@@ -318,12 +268,12 @@ def _wq_mma_kernel(
                 a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
-                stride_bn, stride_bg, GS, MB, DTYPE)
+                stride_bn, stride_bg, GS, MB, DTYPE, SMALL_G)
             a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
                 a0, a1, a2, a3, a4, a5, a6, a7, w8, w9, w10, w11, w12, w13, w14, w15,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sb, last), sb < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
-                stride_bn, stride_bg, GS, MB, DTYPE)
+                stride_bn, stride_bg, GS, MB, DTYPE, SMALL_G)
             if not INTERPRET_C:
                 w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
                 w8, w9, w10, w11, w12, w13, w14, w15 = n8, n9, n10, n11, n12, n13, n14, n15
@@ -357,7 +307,7 @@ def _cfg(warps: int, pair: int = 2) -> triton.Config:
 # two for K >= 8192 (14336x4096: 17.7 against 19.9); 4 or 8 warps, rarely 16.
 MMA_CONFIGS = [_cfg(w, p) for w in (4, 8, 16) for p in (1, 2)]
 
-_tuned = triton.autotune(configs=MMA_CONFIGS, key=["N", "K", "GS", "MB"],
+_tuned = triton.autotune(configs=MMA_CONFIGS, key=["N", "K", "GS", "MB", "SMALL_G"],
                          **autotune_kwargs())(_wq_mma_kernel)
 
 
@@ -368,7 +318,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
     """Whether this kernel takes (x, w), and why not: up to 16 rows, 4-bit, K a multiple
-    of 128 with groups of a multiple of 128 (or per-channel), 16-byte aligned rows."""
+    of 128 with groups of 32, 64 or a multiple of 128 (or per-channel), 16-byte aligned
+    rows."""
     m = x.shape[0]
     if not 1 <= m <= MAX_M:
         return False, f"M={m} (this kernel takes 1..{MAX_M} rows)"
@@ -376,9 +327,11 @@ def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
         return False, f"{w.bits}-bit weight (4-bit only)"
     if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
         return False, f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
-    if w.k % SLAB_K or (w.group_size % SLAB_K and w.group_size != w.k):
-        return False, (f"K={w.k}, group {w.group_size}: needs K and the group in multiples "
-                       f"of {SLAB_K}")
+    if w.k % SLAB_K or (w.group_size % SLAB_K and w.group_size != w.k
+                         and w.group_size not in LANE_GROUPS):
+        return False, (f"K={w.k}, group {w.group_size}: needs K in multiples of {SLAB_K} and "
+                       f"groups of {', '.join(map(str, LANE_GROUPS))} or a multiple of "
+                       f"{SLAB_K}")
     qw = w.qweight
     if qw.stride(1) != 1 or qw.stride(0) % 4 or qw.data_ptr() % 16:
         return False, "packed weight rows not 16-byte aligned"
@@ -398,7 +351,8 @@ def mma_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
     if not ok:
         raise ValueError(f"the MMA decode kernel cannot take this input: {why}")
     m = x.shape[0]
-    gs = 0 if w.group_size == w.k else w.group_size // SLAB_K
+    small = w.group_size if w.group_size in LANE_GROUPS and w.group_size != w.k else 0
+    gs = 0 if w.group_size == w.k or small else w.group_size // SLAB_K
     mb = 1 if m <= 8 else 2
     if config is None and INTERPRET:
         config = _cfg(2)
@@ -407,8 +361,8 @@ def mma_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
             w.bias.stride(0), w.bias.stride(1), out.stride(0), out.stride(1))
     grid = (triton.cdiv(w.n, 16),)
     if config is not None:
-        _wq_mma_kernel[grid](*args, GS=gs, MB=mb, **config.all_kwargs())
+        _wq_mma_kernel[grid](*args, GS=gs, MB=mb, SMALL_G=small, **config.all_kwargs())
         return out
     launch_tuned(w.plans, ("mma", mb, x.dtype), _wq_mma_kernel, _tuned, lambda meta: grid,
-                 args, {"GS": gs, "MB": mb})
+                 args, {"GS": gs, "MB": mb, "SMALL_G": small})
     return out

@@ -37,8 +37,10 @@ def run(x, w, config=None):
     return rel_err(out, tw.wq_reference(x, w))
 
 
-# (K, group): one and several slabs per group, per-channel, groups not dividing the warps
-@pytest.mark.parametrize("k,g", [(128, 128), (384, 128), (512, 256), (256, "K"), (640, 128)])
+# (K, group): one and several slabs per group, per-channel, groups not dividing the warps,
+# groups of 32 / 64 (the lane-scaled block: four / two groups per slab)
+@pytest.mark.parametrize("k,g", [(128, 128), (384, 128), (512, 256), (256, "K"), (640, 128),
+                                 (384, 32), (256, 64), (640, 64)])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_shapes(k, g, m, dtype):
@@ -59,10 +61,12 @@ def test_warp_split(warps, pair):
 
 
 def test_can_run_reasons():
-    w = make_weight(16, 256, 64, 4, device=DEV)
     x = torch.randn(1, 256, dtype=torch.float16, device=DEV)
-    ok, why = mm.can_run(x, w)
-    assert not ok and "group 64" in why
+    for g in (32, 64):
+        assert mm.can_run(x, make_weight(16, 256, g, 4, device=DEV)) == (True, "")
+    w = make_weight(16, 192, 64, 4, device=DEV)
+    ok, why = mm.can_run(x[:, :192], w)
+    assert not ok and "K=192" in why
     w = make_weight(16, 256, 128, 8, device=DEV)
     assert "4-bit only" in mm.can_run(x, w)[1]
     w = make_weight(16, 256, 128, 4, device=DEV)
@@ -85,15 +89,18 @@ def test_dispatch_takes_mma_where_it_can(monkeypatch):
         x = torch.randn(m, 256, dtype=torch.float16, device=DEV)
         assert rel_err(tw.wq_matmul(x, w), tw.wq_reference(x, w)) < TOL[torch.float16]
     assert calls == [1, 1]
-    w = make_weight(17, 256, 64, 4, device=DEV)  # group 64: the FMA kernels
+    w = make_weight(17, 256, 64, 4, device=DEV)  # group 64: the lane-scaled block
     tw.wq_matmul(torch.randn(1, 256, dtype=torch.float16, device=DEV), w)
-    assert calls == [1, 1]
+    assert calls == [1, 1, 1]
+    w = make_weight(17, 192, 64, 4, device=DEV)  # K not a multiple of 128: the FMA kernels
+    tw.wq_matmul(torch.randn(1, 192, dtype=torch.float16, device=DEV), w)
+    assert calls == [1, 1, 1]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("n,k,g", [(4096, 4096, 128), (1000, 2048, 256), (4104, 1024, "K"),
-                                   (8192, 8192, 128)])
+                                   (8192, 8192, 128), (4096, 4096, 32), (1000, 2048, 64)])
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 12, 16])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_ptx(n, k, g, m, dtype):
