@@ -12,7 +12,10 @@ Dispatch on M (rows of x after flattening leading dims):
   too few programs) -- whichever is faster for the shape, timed once;
 * 16 < M <= 64: the faster of ``triton_wq_gemv.swap`` (the decode kernel with M tiles of
   32/64) and ``triton_wq_gemm``, timed once per shape;
-* 64 < M < DEQUANT_GEMM_MIN_M: ``triton_wq_gemm`` (fused dequant tiled GEMM);
+* 64 < M < DEQUANT_GEMM_MIN_M: the faster of ``triton_wq_gemm`` (fused dequant tiled
+  GEMM) and the dequantize + cuBLAS path below, timed once per shape and M bucket (on the
+  H100 the fused kernel wins at M = 64-128 for 4-bit groups of 128 and loses 2-3x at
+  M = 256 for groups of 32 and 8-bit weights, whose per-M-tile dequant costs more);
 * M >= DEQUANT_GEMM_MIN_M: dequantize the whole weight once to x.dtype with a Triton
   kernel, then cuBLAS (its cost is amortized over M rows, and cuBLAS beats the fused
   kernel's per-M-tile dequant at large M).
@@ -75,7 +78,12 @@ def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.
         if _timed_choice(x, w, out, fns, _gemv.SWAP_MAX_M, "gemm") == "swap":
             return _gemv.swap(x, w, out)
     if m < DEQUANT_GEMM_MIN_M:
-        return _gemm.gemm(x, w, out)
+        fns = {"gemm": _gemm.gemm, "dense": _dense_permuted}
+        return fns[_timed_choice(x, w, out, fns, DEQUANT_GEMM_MIN_M, "gemm")](x, w, out)
+    return dequant_matmul(x, w, out, permuted=True)
+
+
+def _dense_permuted(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> torch.Tensor:
     return dequant_matmul(x, w, out, permuted=True)
 
 

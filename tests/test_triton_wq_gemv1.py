@@ -92,12 +92,12 @@ def test_dispatch_uses_gemv1_for_one_row(monkeypatch):
     calls = []
     real = g1.gemv1
     monkeypatch.setattr(g1, "gemv1", lambda *a, **k: calls.append(1) or real(*a, **k))
-    # group 64: the MMA kernel (groups of a multiple of 128) does not compete
-    w = make_weight(17, 256, 64, 4, device=DEV)
-    x = torch.randn(1, 256, dtype=torch.float16, device=DEV)
+    # K = 320: the MMA kernel (K in multiples of 128) does not compete
+    w = make_weight(17, 320, 64, 4, device=DEV)
+    x = torch.randn(1, 320, dtype=torch.float16, device=DEV)
     assert rel_err(tw.wq_matmul(x, w), tw.wq_reference(x, w)) < TOL[torch.float16]
     # a misaligned row takes the generic decode kernel instead, with the same result
-    xs = torch.randn(1, 257, dtype=torch.float16, device=DEV)[:, 1:]
+    xs = torch.randn(1, 321, dtype=torch.float16, device=DEV)[:, 1:]
     assert rel_err(tw.wq_matmul(xs, w), tw.wq_reference(xs, w)) < TOL[torch.float16]
     assert calls == [1]
 
@@ -151,6 +151,17 @@ def test_gpu_mid_m_choice(m):
     x = torch.randn(m, 4096, dtype=torch.float16, device="cuda")
     assert rel_err(tw.wq_matmul(x, w), tw.wq_reference(x, w)) < TOL[torch.float16]
     assert any(v in ("swap", "gemm") for v in tw._CHOICE.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,g,bits", [(100, 128, 4), (256, 32, 4), (300, 32, 8)])
+def test_gpu_gemm_or_dense_choice(m, g, bits):
+    """64 < M < DEQUANT_GEMM_MIN_M: the fused GEMM or dequantize + cuBLAS, whichever is
+    faster, timed once; either way the result is right."""
+    w = make_weight(4096, 4096, g, bits, device="cuda", seed=m)
+    x = torch.randn(m, 4096, dtype=torch.float16, device="cuda")
+    assert rel_err(tw.wq_matmul(x, w), tw.wq_reference(x, w)) < TOL[torch.float16]
+    assert any(k[0] == ("gemm", "dense") for k in tw._CHOICE)
 
 
 # K tiles of 128 spanning several groups of 32/64 (WIDE: a scale per packed word), in the
