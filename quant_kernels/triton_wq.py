@@ -6,8 +6,8 @@
 
 Dispatch on M (rows of x after flattening leading dims):
 
-* M <= 16: ``triton_wq_mma`` (4-bit, groups of 32, 64 or a multiple of 128: mma.sync on tensor
-  cores, weights unpacked in registers) or the FMA kernels -- ``triton_wq_gemv1`` at M = 1
+* M <= 16: ``triton_wq_mma`` (4-bit; 8-bit with fp16; groups of 32, 64 or whole slabs:
+  mma.sync on tensor cores, weights unpacked in registers) or the FMA kernels -- ``triton_wq_gemv1`` at M = 1
   (packed-half dot products in PTX), else ``triton_wq_gemv`` (split-K when N alone is
   too few programs) -- whichever is faster for the shape, timed once;
 * 16 < M <= 64: the faster of ``triton_wq_gemv.swap`` (the decode kernel with M tiles of

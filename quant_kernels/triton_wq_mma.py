@@ -1,5 +1,7 @@
-"""Decode kernel (M <= 16) for 4-bit ``WQWeight`` on tensor cores: ``mma.sync`` with the
-weights as the A operand, straight from the common layout (no repack).
+"""Decode kernel (M <= 16) for 4- and 8-bit ``WQWeight`` on tensor cores: ``mma.sync`` with
+the weights as the A operand, straight from the common layout (no repack).  Described
+below for 4 bits; 8-bit words hold 4 columns, so a slab is 64 columns, a lane's run 16
+and a slab 4 MMAs (``triton_wq_mma_ptx``).
 
 The packed-half kernel (``triton_wq_gemv1``) does every multiply-add on the SM's FMA
 pipes: ~35 instructions per packed word, so it is half issue-bound at M = 1 and its cost
@@ -40,9 +42,10 @@ import triton
 import triton.language as tl
 
 from .triton_wq_tile import INTERPRET, autotune_kwargs, device_fn, launch_tuned
-from .triton_wq_mma_lane import LANE_GROUPS, SLAB, SLAB_K, slab_lane_scaled
-from .triton_wq_mma_ptx import (ASM_BF16_1, ASM_BF16_2, ASM_F16_1, ASM_F16_2, ASM_LOAD1,
-                                ASM_LOAD2, C1, C2, C_LOAD1, C_LOAD2)
+from .triton_wq_mma_lane import (SLAB_BYTES, lane_groups, slab_columns, slab_lane_scaled,
+                                 slab_values)
+from .triton_wq_mma_ptx import (ASM_LOAD1, ASM_LOAD2, C_LOAD1, C_LOAD2, ptx_block,
+                                ptx_constraints)
 from .wq_layout import WQWeight, num_sms
 
 MAX_M = 16  # activation rows: two 8-column MMA blocks
@@ -50,14 +53,10 @@ MAX_M = 16  # activation rows: two 8-column MMA blocks
 
 # ----------------------------------------------------------------------------- kernel
 @device_fn
-def _slab_dot_emulated(qw_ptr, x_ptr, row, m, slab, stride_qn, stride_xm):
+def _slab_dot_emulated(qw_ptr, x_ptr, row, m, slab, stride_qn, stride_xm, BITS: tl.constexpr):
     """Interpreter path: what the MMAs give lane-wise -- the whole slab's dot product of
     weight row ``row`` with activation row ``m`` -- from plain loads, in fp32."""
-    offs_w = slab[:, None] * (SLAB // 8) + tl.arange(0, SLAB // 8)[None, :]
-    words = tl.load(qw_ptr + row[:, None] * stride_qn + offs_w)
-    q = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15
-    q = tl.reshape(q, [q.shape[0], SLAB]).to(tl.float32)
-    cols = slab[:, None] * SLAB + tl.arange(0, SLAB)[None, :]
+    q, cols = slab_values(qw_ptr, row, slab, stride_qn, BITS)
     x = tl.load(x_ptr + m[:, None] * stride_xm + cols).to(tl.float32)
     return tl.sum(q * x, axis=1), tl.sum(x, axis=1)
 
@@ -79,8 +78,8 @@ def _load_words(wq_lo, wq_hi, sa, sb):
     """Words of slabs sa and sb (int64), rows r and r + 8: 16 per lane, 4 loads in flight."""
     return tl.inline_asm_elementwise(
         ASM_LOAD2, C_LOAD2,
-        [wq_lo + sa * (SLAB // 2), wq_hi + sa * (SLAB // 2),
-         wq_lo + sb * (SLAB // 2), wq_hi + sb * (SLAB // 2)],
+        [wq_lo + sa * SLAB_BYTES, wq_hi + sa * SLAB_BYTES,
+         wq_lo + sb * SLAB_BYTES, wq_hi + sb * SLAB_BYTES],
         dtype=(tl.int32,) * 16, is_pure=True, pack=1)
 
 
@@ -88,7 +87,7 @@ def _load_words(wq_lo, wq_hi, sa, sb):
 def _load_words1(wq_lo, wq_hi, sa):
     """Words of slab sa (int64), rows r and r + 8: 8 per lane, 2 loads in flight."""
     return tl.inline_asm_elementwise(
-        ASM_LOAD1, C_LOAD1, [wq_lo + sa * (SLAB // 2), wq_hi + sa * (SLAB // 2)],
+        ASM_LOAD1, C_LOAD1, [wq_lo + sa * SLAB_BYTES, wq_hi + sa * SLAB_BYTES],
         dtype=(tl.int32,) * 8, is_pure=True, pack=1)
 
 
@@ -96,10 +95,10 @@ def _load_words1(wq_lo, wq_hi, sa):
 def _slab_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
                  qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
                  stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
-                 GS: tl.constexpr, MB: tl.constexpr, DTYPE: tl.constexpr):
-    """One 128-column slab, groups of a multiple of 128 (or per-channel): the 16 x (8 MB)
-    MMA block of this warp's rows, scaled per slab and added to the accumulators (where
-    ``valid``)."""
+                 GS: tl.constexpr, MB: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
+                 ASM_C: tl.constexpr):
+    """One slab, groups of whole slabs (or per-channel): the 16 x (8 MB) MMA block of this
+    warp's rows, scaled per slab and added to the accumulators (where ``valid``)."""
     if GS == 0:
         g = 0
     else:
@@ -111,44 +110,34 @@ def _slab_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
     if INTERPRET_C:
         c2 = 2 * q
         d0, x0 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2, M - 1), slab,
-                                    stride_qn, stride_xm)
+                                    stride_qn, stride_xm, BITS)
         d1, x1 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 1, M - 1), slab,
-                                    stride_qn, stride_xm)
+                                    stride_qn, stride_xm, BITS)
         d2, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2, M - 1), slab,
-                                    stride_qn, stride_xm)
+                                    stride_qn, stride_xm, BITS)
         d3, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 1, M - 1), slab,
-                                    stride_qn, stride_xm)
+                                    stride_qn, stride_xm, BITS)
         d4, d5, d6, d7, x2, x3 = d0, d1, d2, d3, x0, x1  # unused unless MB == 2
         if MB == 2:
             d4, x2 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 8, M - 1), slab,
-                                        stride_qn, stride_xm)
+                                        stride_qn, stride_xm, BITS)
             d5, x3 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 9, M - 1), slab,
-                                        stride_qn, stride_xm)
+                                        stride_qn, stride_xm, BITS)
             d6, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 8, M - 1), slab,
-                                        stride_qn, stride_xm)
+                                        stride_qn, stride_xm, BITS)
             d7, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 9, M - 1), slab,
-                                        stride_qn, stride_xm)
+                                        stride_qn, stride_xm, BITS)
     else:
-        xo = slab.to(tl.int64) * (SLAB * 2)
+        xo = slab.to(tl.int64) * (SLAB_BYTES * 16 // BITS)  # activation bytes per slab
         if MB == 1:
-            if DTYPE == tl.bfloat16:
-                d0, d1, d2, d3, x0, x1 = tl.inline_asm_elementwise(
-                    ASM_BF16_1, C1, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, lane],
-                    dtype=(tl.float32,) * 6, is_pure=True, pack=1)
-            else:
-                d0, d1, d2, d3, x0, x1 = tl.inline_asm_elementwise(
-                    ASM_F16_1, C1, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, lane],
-                    dtype=(tl.float32,) * 6, is_pure=True, pack=1)
+            d0, d1, d2, d3, x0, x1 = tl.inline_asm_elementwise(
+                ASM, ASM_C, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, lane],
+                dtype=(tl.float32,) * 6, is_pure=True, pack=1)
             d4, d5, d6, d7, x2, x3 = d0, d1, d2, d3, x0, x1  # unused (MB == 1)
         else:
-            if DTYPE == tl.bfloat16:
-                d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3 = tl.inline_asm_elementwise(
-                    ASM_BF16_2, C2, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, xa1 + xo,
-                                     lane], dtype=(tl.float32,) * 12, is_pure=True, pack=1)
-            else:
-                d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3 = tl.inline_asm_elementwise(
-                    ASM_F16_2, C2, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, xa1 + xo,
-                                    lane], dtype=(tl.float32,) * 12, is_pure=True, pack=1)
+            d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3 = tl.inline_asm_elementwise(
+                ASM, ASM_C, [w0, w1, w2, w3, w4, w5, w6, w7, xa0 + xo, xa1 + xo, lane],
+                dtype=(tl.float32,) * 12, is_pure=True, pack=1)
     a0 = _apply(a0, valid, s_lo, b_lo, d0, x0)
     a1 = _apply(a1, valid, s_lo, b_lo, d1, x1)
     a2 = _apply(a2, valid, s_hi, b_hi, d2, x0)
@@ -165,19 +154,20 @@ def _slab_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
 def _slab(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
           qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
           stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
-          GS: tl.constexpr, MB: tl.constexpr, DTYPE: tl.constexpr,
-          SMALL_G: tl.constexpr):
+          GS: tl.constexpr, MB: tl.constexpr, BITS: tl.constexpr, SMALL_G: tl.constexpr,
+          ASM: tl.constexpr, ASM_C: tl.constexpr):
     """One 128-column slab of this warp's rows into the accumulators."""
     if SMALL_G > 0:
         a0, a1, a2, a3, a4, a5, a6, a7 = slab_lane_scaled(
             a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, qw_ptr, x_ptr,
             s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M, stride_qn,
-            stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G, MB, DTYPE)
+            stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G, MB, BITS, ASM,
+            ASM_C)
     else:
         a0, a1, a2, a3, a4, a5, a6, a7 = _slab_scaled(
             a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, qw_ptr, x_ptr,
             s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M, stride_qn,
-            stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, GS, MB, DTYPE)
+            stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, GS, MB, BITS, ASM, ASM_C)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -196,9 +186,10 @@ def _wq_mma_kernel(
     PAIR: tl.constexpr = 2,
     # groups of 32 or 64 columns (0: GS applies): scales go into the A fragments
     SMALL_G: tl.constexpr = 0,
+    # 4 or 8; the slab's PTX block (triton_wq_mma_ptx.ptx_block) and its constraints
+    BITS: tl.constexpr = 4, ASM: tl.constexpr = "", ASM_C: tl.constexpr = "",
 ):
     pid = tl.program_id(0)
-    DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     idx = tl.arange(0, 32 * WARPS)
     lane = idx % 32
     warp = idx // 32
@@ -208,6 +199,7 @@ def _wq_mma_kernel(
     ld_hi = tl.minimum(pid * 16 + r + 8, N - 1)
     m0 = tl.minimum(r, M - 1)                     # activation rows of the B fragments
     m1 = tl.minimum(r + 8, M - 1)
+    SLAB: tl.constexpr = SLAB_BYTES * 8 // BITS  # columns per slab: 128 (4-bit), 64 (8-bit)
     n_slabs = K // SLAB
     # each warp takes a run of slabs, PAIR per iteration
     per_warp = tl.cdiv(tl.cdiv(n_slabs, WARPS), PAIR) * PAIR
@@ -234,8 +226,8 @@ def _wq_mma_kernel(
         # its 64 bytes of activation rows m0 / m1
         wq_lo = (qw_ptr + ld_lo * stride_qn + 4 * q).to(tl.int64, bitcast=True)
         wq_hi = (qw_ptr + ld_hi * stride_qn + 4 * q).to(tl.int64, bitcast=True)
-        xa0 = (x_ptr + m0 * stride_xm + 32 * q).to(tl.int64, bitcast=True)
-        xa1 = (x_ptr + m1 * stride_xm + 32 * q).to(tl.int64, bitcast=True)
+        xa0 = (x_ptr + m0 * stride_xm + (SLAB // 4) * q).to(tl.int64, bitcast=True)
+        xa1 = (x_ptr + m1 * stride_xm + (SLAB // 4) * q).to(tl.int64, bitcast=True)
         if PAIR == 2:
             (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14,
              w15) = _load_words(wq_lo, wq_hi, tl.minimum(first, last).to(tl.int64),
@@ -253,7 +245,7 @@ def _wq_mma_kernel(
                 a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn,
-                stride_sg, stride_bn, stride_bg, GS, MB, DTYPE, SMALL_G)
+                stride_sg, stride_bn, stride_bg, GS, MB, BITS, SMALL_G, ASM, ASM_C)
             if not INTERPRET_C:
                 w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
         else:
@@ -268,12 +260,12 @@ def _wq_mma_kernel(
                 a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
-                stride_bn, stride_bg, GS, MB, DTYPE, SMALL_G)
+                stride_bn, stride_bg, GS, MB, BITS, SMALL_G, ASM, ASM_C)
             a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
                 a0, a1, a2, a3, a4, a5, a6, a7, w8, w9, w10, w11, w12, w13, w14, w15,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sb, last), sb < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
-                stride_bn, stride_bg, GS, MB, DTYPE, SMALL_G)
+                stride_bn, stride_bg, GS, MB, BITS, SMALL_G, ASM, ASM_C)
             if not INTERPRET_C:
                 w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
                 w8, w9, w10, w11, w12, w13, w14, w15 = n8, n9, n10, n11, n12, n13, n14, n15
@@ -307,7 +299,7 @@ def _cfg(warps: int, pair: int = 2) -> triton.Config:
 # two for K >= 8192 (14336x4096: 17.7 against 19.9); 4 or 8 warps, rarely 16.
 MMA_CONFIGS = [_cfg(w, p) for w in (4, 8, 16) for p in (1, 2)]
 
-_tuned = triton.autotune(configs=MMA_CONFIGS, key=["N", "K", "GS", "MB", "SMALL_G"],
+_tuned = triton.autotune(configs=MMA_CONFIGS, key=["N", "K", "GS", "MB", "SMALL_G", "BITS"],
                          **autotune_kwargs())(_wq_mma_kernel)
 
 
@@ -317,21 +309,23 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
-    """Whether this kernel takes (x, w), and why not: up to 16 rows, 4-bit, K a multiple
-    of 128 with groups of 32, 64 or a multiple of 128 (or per-channel), 16-byte aligned
-    rows."""
+    """Whether this kernel takes (x, w), and why not: up to 16 rows; 4-bit (fp16/bf16) or
+    8-bit (fp16); K a multiple of the slab (128 / 64 columns) with groups of whole slabs,
+    of 32 (64 at 4 bits) or per-channel; 16-byte aligned rows."""
     m = x.shape[0]
     if not 1 <= m <= MAX_M:
         return False, f"M={m} (this kernel takes 1..{MAX_M} rows)"
-    if w.bits != 4:
-        return False, f"{w.bits}-bit weight (4-bit only)"
+    if w.bits not in (4, 8):
+        return False, f"{w.bits}-bit weight (4- or 8-bit only)"
     if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
         return False, f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
-    if w.k % SLAB_K or (w.group_size % SLAB_K and w.group_size != w.k
-                         and w.group_size not in LANE_GROUPS):
-        return False, (f"K={w.k}, group {w.group_size}: needs K in multiples of {SLAB_K} and "
-                       f"groups of {', '.join(map(str, LANE_GROUPS))} or a multiple of "
-                       f"{SLAB_K}")
+    if w.bits == 8 and x.dtype != torch.float16:
+        return False, "8-bit weights with bf16 activations (bf16 cannot hold 128 + q exactly)"
+    slab, small = slab_columns(w.bits), lane_groups(w.bits)
+    if w.k % slab or (w.group_size % slab and w.group_size != w.k
+                      and w.group_size not in small):
+        return False, (f"K={w.k}, group {w.group_size}: needs K in multiples of {slab} and "
+                       f"groups of {', '.join(map(str, small))} or a multiple of {slab}")
     qw = w.qweight
     if qw.stride(1) != 1 or qw.stride(0) % 4 or qw.data_ptr() % 16:
         return False, "packed weight rows not 16-byte aligned"
@@ -351,9 +345,13 @@ def mma_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
     if not ok:
         raise ValueError(f"the MMA decode kernel cannot take this input: {why}")
     m = x.shape[0]
-    small = w.group_size if w.group_size in LANE_GROUPS and w.group_size != w.k else 0
-    gs = 0 if w.group_size == w.k or small else w.group_size // SLAB_K
+    lane = w.group_size in lane_groups(w.bits) and w.group_size != w.k
+    small = w.group_size if lane else 0
+    gs = 0 if w.group_size == w.k or small else w.group_size // slab_columns(w.bits)
     mb = 1 if m <= 8 else 2
+    asm = {"BITS": w.bits, "SMALL_G": small,
+           "ASM": ptx_block(mb, x.dtype == torch.bfloat16, w.bits, lane),
+           "ASM_C": ptx_constraints(mb, lane)}
     if config is None and INTERPRET:
         config = _cfg(2)
     args = (x, w.qweight, w.scales, w.bias, out, m, w.n, w.k,
@@ -361,8 +359,8 @@ def mma_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
             w.bias.stride(0), w.bias.stride(1), out.stride(0), out.stride(1))
     grid = (triton.cdiv(w.n, 16),)
     if config is not None:
-        _wq_mma_kernel[grid](*args, GS=gs, MB=mb, SMALL_G=small, **config.all_kwargs())
+        _wq_mma_kernel[grid](*args, GS=gs, MB=mb, **asm, **config.all_kwargs())
         return out
     launch_tuned(w.plans, ("mma", mb, x.dtype), _wq_mma_kernel, _tuned, lambda meta: grid,
-                 args, {"GS": gs, "MB": mb, "SMALL_G": small})
+                 args, {"GS": gs, "MB": mb, **asm})
     return out

@@ -2,7 +2,7 @@
 the tensor-core MMA kernel (``triton_wq_mma``), the packed-half M = 1 kernel
 (``triton_wq_gemv1``), the split-K decode kernel (``triton_wq_gemv``) and cuBLAS fp16.
 
-    PYTHONPATH=. python scripts/bench_wq_mma.py [--out wq_mma.json] [--dtype fp16] [--group 32]
+    PYTHONPATH=. python scripts/bench_wq_mma.py [--out wq_mma.json] [--dtype fp16] [--group 32] [--bits 8]
 
 Every timed kernel's output is first checked against ``wq_reference`` (relative error
 printed).  Speedups are over cuBLAS fp16 ``F.linear`` in the same run.
@@ -43,12 +43,13 @@ def main() -> None:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--warps", default="", help="also time these fixed WARPS configs")
     ap.add_argument("--group", type=int, default=128, help="scale group (32, 64, 128, ...)")
+    ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
     ap.add_argument("--shapes", default=None, help="KxN,... (default: the five below)")
     args = ap.parse_args()
     shapes = ([tuple(int(v) for v in t.split("x")) for t in args.shapes.split(",")]
               if args.shapes else SHAPES)
     if os.path.isdir(args.out):
-        args.out = os.path.join(args.out, f"wq_mma_g{args.group}.json")
+        args.out = os.path.join(args.out, f"wq_mma_b{args.bits}_g{args.group}.json")
     dt = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     torch.manual_seed(0)
     rows = []
@@ -56,9 +57,10 @@ def main() -> None:
     for k, n in shapes:
         ws, dense = [], []
         for _ in range(ROTATE):
-            q = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32)
-            s = (torch.rand(n, k // g, device="cuda") + 0.5) / (16 * k ** 0.5)
-            ws.append(pack_wq(q, s, -8 * s, g, 4, dtype=dt))
+            lv = 1 << args.bits
+            q = torch.randint(0, lv, (n, k), device="cuda", dtype=torch.int32)
+            s = (torch.rand(n, k // g, device="cuda") + 0.5) / (lv * k ** 0.5)
+            ws.append(pack_wq(q, s, -(lv // 2) * s, g, args.bits, dtype=dt))
             dense.append(torch.randn(n, k, device="cuda", dtype=torch.float16))
         for m in [int(v) for v in args.ms.split(",")]:
             x = torch.randn(m, k, device="cuda", dtype=dt)
@@ -72,7 +74,7 @@ def main() -> None:
             if m == 1 and g1.can_run(x, ws[0])[0]:
                 kern["gemv1"] = lambda i: g1.gemv1(x, ws[i], outs[i])
             kern["gemv"] = lambda i: gv.gemv(x, ws[i], outs[i])
-            row = dict(k=k, n=n, m=m, dtype=args.dtype, group=g)
+            row = dict(k=k, n=n, m=m, dtype=args.dtype, group=g, bits=args.bits)
             t_fp16 = graph_time_us([lambda i=i: F.linear(xh, dense[i]) for i in range(ROTATE)])
             row["cublas_fp16_us"] = round(t_fp16, 2)
             for name, fn in kern.items():

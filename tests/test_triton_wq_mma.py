@@ -50,6 +50,16 @@ def test_shapes(k, g, m, dtype):
     assert run(x, w) < TOL[dtype]
 
 
+# 8-bit: 64-column slabs; groups of 32 (lane-scaled), 64 / 128 (slab-scaled), per-channel
+@pytest.mark.parametrize("k,g", [(64, 32), (320, 32), (192, 64), (384, 128), (256, "K")])
+@pytest.mark.parametrize("m", [1, 3, 9, 16])
+def test_shapes_8bit(k, g, m):
+    n = 23 if m % 2 else 17
+    w = make_weight(n, k, g, 8, dtype=torch.float16, device=DEV, seed=n + k + m)
+    x = torch.randn(m, k, dtype=torch.float16, device=DEV)
+    assert run(x, w) < TOL[torch.float16]
+
+
 @pytest.mark.parametrize("pair", [1, 2])
 @pytest.mark.parametrize("warps", [1, 2, 4])
 def test_warp_split(warps, pair):
@@ -68,7 +78,10 @@ def test_can_run_reasons():
     ok, why = mm.can_run(x[:, :192], w)
     assert not ok and "K=192" in why
     w = make_weight(16, 256, 128, 8, device=DEV)
-    assert "4-bit only" in mm.can_run(x, w)[1]
+    assert mm.can_run(x, w) == (True, "")
+    w8 = make_weight(16, 256, 128, 8, dtype=torch.bfloat16, device=DEV)
+    assert "bf16 cannot hold" in mm.can_run(x.bfloat16(), w8)[1]
+    assert "K=96" in mm.can_run(x[:, :96], make_weight(16, 96, 32, 8, device=DEV))[1]
     w = make_weight(16, 256, 128, 4, device=DEV)
     assert mm.can_run(x, w) == (True, "")
     assert "1..16 rows" in mm.can_run(torch.randn(17, 256, dtype=torch.float16, device=DEV), w)[1]
@@ -105,6 +118,20 @@ def test_dispatch_takes_mma_where_it_can(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_ptx(n, k, g, m, dtype):
     w = make_weight(n, k, g, 4, dtype=dtype, device=DEV, seed=m)
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    for cfg in mm.MMA_CONFIGS:
+        assert run(x, w, config=cfg) < TOL[dtype]
+    assert run(x, w) < TOL[dtype]  # autotuned
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,k,g", [(4096, 4096, 32), (1000, 2048, "K"), (4104, 1024, 128),
+                                   (4096, 14336, 32)])
+@pytest.mark.parametrize("m", [1, 2, 8, 12, 16])
+def test_gpu_ptx_8bit(n, k, g, m):
+    dtype = torch.float16
+    w = make_weight(n, k, g, 8, dtype=dtype, device=DEV, seed=m)
     x = torch.randn(m, k, dtype=dtype, device=DEV)
     for cfg in mm.MMA_CONFIGS:
         assert run(x, w, config=cfg) < TOL[dtype]
