@@ -7,9 +7,9 @@
 Dispatch on M (rows of x after flattening leading dims):
 
 * M <= 16: ``triton_wq_mma`` (4-bit; 8-bit with fp16; groups of 32, 64 or whole slabs:
-  mma.sync on tensor cores, weights unpacked in registers) or the FMA kernels -- ``triton_wq_gemv1`` at M = 1
-  (packed-half dot products in PTX), else ``triton_wq_gemv`` (split-K when N alone is
-  too few programs) -- whichever is faster for the shape, timed once;
+  mma.sync on tensor cores, weights unpacked in registers) or the FMA kernels --
+  ``triton_wq_gemv1`` at M = 1 (packed-half dot products in PTX), else ``triton_wq_gemv``
+  (split-K when N alone is too few programs) -- whichever is faster, timed once per shape;
 * 16 < M <= 64: the faster of ``triton_wq_gemv.swap`` (the decode kernel with M tiles of
   32/64) and ``triton_wq_gemm``, timed once per shape;
 * 64 < M < DEQUANT_GEMM_MIN_M: the faster of ``triton_wq_gemm`` (fused dequant tiled
