@@ -6,10 +6,11 @@ lengths and is safe to capture in a CUDA graph (no host-side shapes depend on th
 One program per (sequence, KV head, context split): the ``GROUP`` query heads that share
 the KV head are processed together as the rows of tensor-core dots, so each K/V block is
 read once per KV head (GQA), with an online softmax in fp32 over tiles of
-``TOKENS_PER_TILE`` tokens (gathered from several pages through the block table).  Long contexts with few
-sequences are split over ``SPLITS`` programs (flash-decoding); the last split of a
-(sequence, KV head) to finish merges the partial maxima, sums and outputs in the same launch
-(a counter per pair, left at zero again), so a decode step costs one launch per layer.
+``TOKENS_PER_TILE`` tokens (gathered from several pages through the block table).  Long
+contexts with few sequences are split over ``SPLITS`` programs (flash-decoding); the last
+split of a (sequence, KV head) to finish merges the partial maxima, sums and outputs in the
+same launch (a counter per pair, left at zero again), so a decode step costs one launch per
+layer.
 
 ``softcap`` (Gemma 2) caps each score as ``cap * tanh(score / cap)``; a constexpr, so the
 uncapped kernel compiles without it.

@@ -2,7 +2,8 @@
 the tensor-core MMA kernel (``triton_wq_mma``), the packed-half M = 1 kernel
 (``triton_wq_gemv1``), the split-K decode kernel (``triton_wq_gemv``) and cuBLAS fp16.
 
-    PYTHONPATH=. python scripts/bench_wq_mma.py [--out wq_mma.json] [--dtype fp16] [--group 32] [--bits 8]
+    PYTHONPATH=. python scripts/bench_wq_mma.py [--out wq_mma.json] [--dtype fp16] \
+        [--group 32] [--bits 8] [--shapes 8192x8192] [--ms 1,16]
 
 Every timed kernel's output is first checked against ``wq_reference`` (relative error
 printed).  Speedups are over cuBLAS fp16 ``F.linear`` in the same run.
