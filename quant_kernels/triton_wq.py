@@ -55,6 +55,9 @@ DECODE_MAX_M = 16
 # (scripts/sweep_wq.py, BENCHMARKS.md: 8192x8192 M=512 154.7 us vs 168.6 us); at M = 256
 # the fused kernel still won on three of the four shapes.
 DEQUANT_GEMM_MIN_M = 512
+# Above triton_wq_gemv.SWAP_MAX_M the timed choice may already pick dequantize + cuBLAS:
+# from here a call may hold a dense copy of the weight (quantrt.estimate.memory mirrors it).
+DENSE_FROM_M = 65
 def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.Tensor:
     m = x.shape[0]
     if out is None:

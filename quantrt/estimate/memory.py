@@ -195,9 +195,10 @@ ATTENTION_SCORE_BYTES = 10
 SAMPLER_BYTES_PER_LOGIT = 4 + 4 + 8 + 4 + 4
 
 
-# quant_kernels.triton_wq.DEQUANT_GEMM_MIN_M (kept here so estimates need no Triton import;
+# quant_kernels.triton_wq.DENSE_FROM_M, the fewest tokens for which the integer kernels may
+# take their dequantize + cuBLAS path (kept here so estimates need no Triton import;
 # tests/test_estimate_kernels.py checks that the two agree)
-DEQUANT_GEMM_MIN_M = 512
+DENSE_FROM_M = 65
 
 
 def activation_peak(arch: Arch, tp: int, layout: Layout, tokens: int, seqs: int,
@@ -227,9 +228,9 @@ def activation_peak(arch: Arch, tp: int, layout: Layout, tokens: int, seqs: int,
         mlp += biggest // tp * a
     sampler = min(seqs, tokens) * arch.vocab * SAMPLER_BYTES_PER_LOGIT + tokens * h * a
     workspace = layout.kernel_workspace
-    if workspace and tokens >= DEQUANT_GEMM_MIN_M and not layout.dequantizes_weights:
-        # A prefill this large takes the integer kernels' dequantize + cuBLAS path, which does
-        # not autotune: its transient is one dense copy of the largest quantized weight
+    if workspace and tokens >= DENSE_FROM_M and not layout.dequantizes_weights:
+        # A batch this large may take the integer kernels' dequantize + cuBLAS path, which
+        # does not autotune: its transient is one dense copy of the largest quantized weight
         # (measured on the H100: 1B/8B-shape AWQ prefill peaks equal bf16's plus that copy).
         biggest = max(w.numel for w in weights(arch) if w.is_linear and w.role != "lm_head")
         workspace = biggest // tp * a
