@@ -149,6 +149,25 @@ def test_awq_clip_searches_each_group_at_its_own_width(k, g):
                                                       torch.float16))
 
 
+@pytest.mark.parametrize("g", [17, 23, 32])
+def test_awq_clip_reaches_below_half_the_range(g):
+    """One outlier weight per group on a column whose input is ~0: clipping it to the
+    other weights' range is best, and the grid goes deep enough (0.3 of |w|max) to get
+    close -- AutoAWQ's floor of 0.55 stops at about half the range."""
+    from quantrt.convert.awq_algo import CLIP_MIN, search_clip
+
+    gen = torch.Generator().manual_seed(g)
+    x = torch.randn(256, g, generator=gen)
+    x[:, 0] *= 1e-3
+    w = torch.rand(16, g, generator=gen) * 2 - 1  # |w| < 1, and one outlier of 4
+    w[:, 0] = 4.0
+    got = search_clip(x, w, 4, g, torch.float16)
+    shrink = got.abs().amax(dim=1) / 4.0
+    assert CLIP_MIN <= 0.3 and (shrink < 0.5).all() and (shrink >= CLIP_MIN - 1e-6).all()
+    err = lambda v: (x @ (fake_quant(v, 4, g, torch.float16) - w).t()).pow(2).mean()
+    assert err(got) < 0.25 * err(w)  # the 0.5 floor: 0.31-0.34
+
+
 def test_gptq_partial_forward_collects_the_full_forward_hessians():
     """Stopping the layer's forward once q/k/v have run, and one X^T X for the three
     linears that share the input, give the Hessians of the full forward."""
