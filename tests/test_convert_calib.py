@@ -168,6 +168,33 @@ def test_awq_clip_reaches_below_half_the_range(g):
     assert err(got) < 0.25 * err(w)  # the 0.5 floor: 0.31-0.34
 
 
+@pytest.mark.parametrize("g", [17, 23, 32])
+def test_awq_clip_refines_each_end_of_the_range_alone(g):
+    """An outlier of +4 on a column whose input is ~0 and a -2 that matters: the best
+    range clips the top alone.  One shrink of both ends (the joint search) must also cut
+    the -2 or keep the +4; refining each end alone keeps the -2 and drops the +4, and
+    beats the best joint shrink on every row's output error."""
+    from quantrt.convert.awq_algo import CLIP_GRID, CLIP_MIN, search_clip
+
+    gen = torch.Generator().manual_seed(100 + g)
+    x = torch.randn(300, g, generator=gen)
+    x[:, 0] *= 1e-3
+    x[:, 1] *= 5
+    w = (torch.rand(16, g, generator=gen) * 2 - 1) * 0.5  # |w| < 0.5 but two columns
+    w[:, 0], w[:, 1] = 4.0, -2.0
+    got = search_clip(x, w, 4, g, torch.float16)
+    # one ratio for both ends keeping the bottom at <= -1.9 keeps the top at >= 1.9
+    assert (got[:, 1] <= -1.9).all() and (got[:, 0] < 1.5).all()
+
+    def err(v):  # output error per row of the quantized v
+        return (x @ (fake_quant(v, 4, g, torch.float16) - w).t()).pow(2).mean(dim=0)
+    joint = torch.stack([err(w.clamp(-m, m)) for m in
+                         [4.0 * (1 - (1 - CLIP_MIN) * i / CLIP_GRID)
+                          for i in range(CLIP_GRID + 1)]]).amin(dim=0)
+    ratio = err(got) / joint
+    assert (ratio < 0.85).all() and ratio.mean() < 0.6
+
+
 def test_gptq_partial_forward_collects_the_full_forward_hessians():
     """Stopping the layer's forward once q/k/v have run, and one X^T X for the three
     linears that share the input, give the Hessians of the full forward."""
