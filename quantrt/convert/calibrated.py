@@ -22,7 +22,7 @@ from quantrt.errors import ConfigError, UnsupportedError
 ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 SEQUENTIAL = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
               ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
-AWQ_TOKENS = 2048   # calibration rows kept per linear for AWQ's scale search (CPU-sized)
+AWQ_TOKENS = 2048   # calibration rows kept per linear for AWQ's scale and clip searches
 BATCH = 4           # sequences per forward
 
 
