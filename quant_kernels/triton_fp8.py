@@ -143,8 +143,7 @@ def _matmul_2d(x: torch.Tensor, w: Fp8Weight, out: torch.Tensor | None) -> torch
 def dequant_matmul(x: torch.Tensor, w: Fp8Weight, out: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """The large-M path: Triton expansion of the whole weight to x.dtype, then cuBLAS."""
-    dense = _k.dequantize(w, x.dtype)
-    return torch.mm(x, dense.t()) if out is None else torch.mm(x, dense.t(), out=out)
+    return front.dense_matmul(x, _k.dequantize(w, x.dtype), out)
 
 
 @torch.library.custom_op("quantrt::fp8_matmul", mutates_args=())

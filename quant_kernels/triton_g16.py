@@ -233,8 +233,7 @@ def _matmul_2d(x: torch.Tensor, w: G16Weight, out: torch.Tensor | None) -> torch
 def dequant_matmul(x: torch.Tensor, w: G16Weight, out: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """The large-M path: Triton dequant of the whole weight to x.dtype, then cuBLAS."""
-    dense = dequantize(w, x.dtype)
-    return torch.mm(x, dense.t()) if out is None else torch.mm(x, dense.t(), out=out)
+    return front.dense_matmul(x, dequantize(w, x.dtype), out)
 
 
 @torch.library.custom_op("quantrt::g16_matmul", mutates_args=())

@@ -194,13 +194,7 @@ def _matmul_2d(x: torch.Tensor, w: Lut4Weight, out: torch.Tensor | None) -> torc
 def dequant_matmul(x: torch.Tensor, w: Lut4Weight, out: torch.Tensor | None = None
                    ) -> torch.Tensor:
     """The large-M path: Triton expansion of the whole weight to x.dtype, then cuBLAS."""
-    dense = _k.expand(w, x.dtype)
-    if x.device.type != "cuda":
-        # the interpreter's CPU run: CPU bf16 GEMMs do not keep an fp32 sum throughout (4e-3
-        # relative error at K = 384), cuBLAS does; the CPU tests check the GPU's semantics
-        y = torch.mm(x.float(), dense.float().t()).to(x.dtype)
-        return y if out is None else out.copy_(y)
-    return torch.mm(x, dense.t()) if out is None else torch.mm(x, dense.t(), out=out)
+    return front.dense_matmul(x, _k.expand(w, x.dtype), out)
 
 
 @torch.library.custom_op("quantrt::lut4_matmul", mutates_args=())

@@ -152,10 +152,7 @@ def dequant_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None = None
     """The large-M path: Triton dequant of the whole weight to x.dtype, then cuBLAS."""
     if w.perm is not None and not permuted:
         x = x.index_select(1, w.perm)
-    dense = _gemm.dequantize(w, x.dtype)
-    if out is None:
-        return torch.mm(x, dense.t())
-    return torch.mm(x, dense.t(), out=out)
+    return front.dense_matmul(x, _gemm.dequantize(w, x.dtype), out)
 
 
 @torch.library.custom_op("quantrt::wq_matmul", mutates_args=())
