@@ -171,11 +171,12 @@ class ModelRunner:
         rows = None if num_rows == tokens else host[3 * tokens:3 * tokens + num_rows]
         return host[:tokens], host[tokens:2 * tokens], meta, rows
 
-    def execute(self, inp: StepInputs) -> torch.Tensor:
-        """Logits of ``inp.rows`` (every rank of a tensor-parallel model runs this)."""
+    def execute(self, inp: StepInputs, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``inp.rows`` (every rank of a tensor-parallel model runs this); ``prev``:
+        the previous step's sampled tokens when ``inp.ids_from_prev``."""
         if self.executor is not None:
             self.executor.call("execute", inp)
-        return self.run_local(inp)
+        return self.run_local(inp, prev)
 
     @torch.inference_mode()
     def run_local(self, inp: StepInputs, prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,9 +222,7 @@ class ModelRunner:
             inp.ids_from_prev = True
         for seq, n in batch:
             seq.num_cached += n
-        if self.executor is not None:
-            self.executor.call("execute", inp)
-        logits = self.run_local(inp, None if prev is None else prev.tokens)
+        logits = self.execute(inp, None if prev is None else prev.tokens)
         if not sample_seqs:
             return PendingStep([], None, [], defer)
         if len(expand) > len(rows):
