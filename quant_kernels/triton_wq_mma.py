@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from .triton_wq_tile import INTERPRET, autotune_kwargs, device_fn, launch_tuned
-from .triton_wq_mma_lane import (SLAB_BYTES, lane_groups, slab_columns, slab_lane_scaled,
-                                 slab_values)
+from .triton_wq_mma_lane import (SLAB_BYTES, emulate_fragments, lane_groups, slab_columns,
+                                 slab_lane_scaled)
 from .triton_wq_mma_ptx import (ASM_LOAD1, ASM_LOAD2, C_LOAD1, C_LOAD2, ptx_block,
                                 ptx_constraints)
 from .wq_layout import WQWeight, num_sms
@@ -52,15 +52,6 @@ MAX_M = 16  # activation rows: two 8-column MMA blocks
 
 
 # ----------------------------------------------------------------------------- kernel
-@device_fn
-def _slab_dot_emulated(qw_ptr, x_ptr, row, m, slab, stride_qn, stride_xm, BITS: tl.constexpr):
-    """Interpreter path: what the MMAs give lane-wise -- the whole slab's dot product of
-    weight row ``row`` with activation row ``m`` -- from plain loads, in fp32."""
-    q, cols = slab_values(qw_ptr, row, slab, stride_qn, BITS)
-    x = tl.load(x_ptr + m[:, None] * stride_xm + cols).to(tl.float32)
-    return tl.sum(q * x, axis=1), tl.sum(x, axis=1)
-
-
 @device_fn
 def _apply(acc, valid, s, b, d, xs):
     return acc + tl.where(valid, s * d + b * xs, 0.0)
@@ -108,25 +99,9 @@ def _slab_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
     b_lo = tl.load(b_ptr + ld_lo * stride_bn + g * stride_bg).to(tl.float32)
     b_hi = tl.load(b_ptr + ld_hi * stride_bn + g * stride_bg).to(tl.float32)
     if INTERPRET_C:
-        c2 = 2 * q
-        d0, x0 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2, M - 1), slab,
-                                    stride_qn, stride_xm, BITS)
-        d1, x1 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 1, M - 1), slab,
-                                    stride_qn, stride_xm, BITS)
-        d2, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2, M - 1), slab,
-                                    stride_qn, stride_xm, BITS)
-        d3, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 1, M - 1), slab,
-                                    stride_qn, stride_xm, BITS)
-        d4, d5, d6, d7, x2, x3 = d0, d1, d2, d3, x0, x1  # unused unless MB == 2
-        if MB == 2:
-            d4, x2 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 8, M - 1), slab,
-                                        stride_qn, stride_xm, BITS)
-            d5, x3 = _slab_dot_emulated(qw_ptr, x_ptr, ld_lo, tl.minimum(c2 + 9, M - 1), slab,
-                                        stride_qn, stride_xm, BITS)
-            d6, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 8, M - 1), slab,
-                                        stride_qn, stride_xm, BITS)
-            d7, _x = _slab_dot_emulated(qw_ptr, x_ptr, ld_hi, tl.minimum(c2 + 9, M - 1), slab,
-                                        stride_qn, stride_xm, BITS)
+        d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3 = emulate_fragments(
+            qw_ptr, x_ptr, s_ptr, b_ptr, q, ld_lo, ld_hi, slab, M, stride_qn, stride_xm,
+            stride_sn, stride_sg, stride_bn, stride_bg, 0, MB, BITS)
     else:
         xo = slab.to(tl.int64) * (SLAB_BYTES * 16 // BITS)  # activation bytes per slab
         if MB == 1:

@@ -26,7 +26,7 @@ def lane_groups(bits: int) -> tuple[int, ...]:
 
 
 @device_fn
-def slab_values(qw_ptr, row, slab, stride_qn, BITS: tl.constexpr):
+def _slab_values(qw_ptr, row, slab, stride_qn, BITS: tl.constexpr):
     """Interpreter path: the integer values [rows, SLAB] of weight rows ``row`` in ``slab``
     (fp32) and their column indices."""
     SLAB: tl.constexpr = SLAB_BYTES * 8 // BITS
@@ -40,19 +40,50 @@ def slab_values(qw_ptr, row, slab, stride_qn, BITS: tl.constexpr):
 
 
 @device_fn
-def _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, row, m, slab, stride_qn, stride_xm,
-                            stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G: tl.constexpr,
-                            BITS: tl.constexpr):
-    """Interpreter path of the lane-scaled block: the slab's dot product of weight row
-    ``row``, dequantized per column group and rounded to x's dtype, with activation row
-    ``m``."""
-    q, cols = slab_values(qw_ptr, row, slab, stride_qn, BITS)
-    g = cols // SMALL_G
-    sc = tl.load(s_ptr + row[:, None] * stride_sn + g * stride_sg).to(tl.float32)
-    bi = tl.load(b_ptr + row[:, None] * stride_bn + g * stride_bg).to(tl.float32)
-    w = (q * sc + bi).to(x_ptr.dtype.element_ty).to(tl.float32)
+def _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, row, m, slab, stride_qn, stride_xm, stride_sn,
+                  stride_sg, stride_bn, stride_bg, SMALL_G: tl.constexpr, BITS: tl.constexpr):
+    """Interpreter path: the slab's dot product of weight row ``row`` with activation row
+    ``m`` and the activations' sum, from plain loads in fp32 -- of the integers ``q``
+    (slab-scaled, SMALL_G 0) or of the weights dequantized per column group and rounded
+    to x's dtype (lane-scaled)."""
+    q, cols = _slab_values(qw_ptr, row, slab, stride_qn, BITS)
+    if SMALL_G > 0:
+        g = cols // SMALL_G
+        sc = tl.load(s_ptr + row[:, None] * stride_sn + g * stride_sg).to(tl.float32)
+        bi = tl.load(b_ptr + row[:, None] * stride_bn + g * stride_bg).to(tl.float32)
+        q = (q * sc + bi).to(x_ptr.dtype.element_ty).to(tl.float32)
     x = tl.load(x_ptr + m[:, None] * stride_xm + cols).to(tl.float32)
-    return tl.sum(w * x, axis=1)
+    return tl.sum(q * x, axis=1), tl.sum(x, axis=1)
+
+
+@device_fn
+def emulate_fragments(qw_ptr, x_ptr, s_ptr, b_ptr, q, ld_lo, ld_hi, slab, M, stride_qn,
+                      stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
+                      SMALL_G: tl.constexpr, MB: tl.constexpr, BITS: tl.constexpr):
+    """Interpreter path: what a slab's PTX block returns lane-wise -- D fragments d0..d7
+    (rows r / r + 8, activation rows 2q, 2q+1, and with MB == 2 also 2q+8, 2q+9) and the
+    activation sums x0..x3 -- with the same indexing, from plain loads."""
+    c2 = 2 * q
+    args = (stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G, BITS)
+    d0, x0 = _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_lo, tl.minimum(c2, M - 1), slab,
+                           *args)
+    d1, x1 = _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_lo, tl.minimum(c2 + 1, M - 1),
+                           slab, *args)
+    d2, _x = _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_hi, tl.minimum(c2, M - 1), slab,
+                           *args)
+    d3, _x = _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_hi, tl.minimum(c2 + 1, M - 1),
+                           slab, *args)
+    d4, d5, d6, d7, x2, x3 = d0, d1, d2, d3, x0, x1  # unused unless MB == 2
+    if MB == 2:
+        d4, x2 = _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_lo, tl.minimum(c2 + 8, M - 1),
+                               slab, *args)
+        d5, x3 = _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_lo, tl.minimum(c2 + 9, M - 1),
+                               slab, *args)
+        d6, _x = _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_hi, tl.minimum(c2 + 8, M - 1),
+                               slab, *args)
+        d7, _x = _dot_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_hi, tl.minimum(c2 + 9, M - 1),
+                               slab, *args)
+    return d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3
 
 
 @device_fn
@@ -72,27 +103,9 @@ def slab_lane_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6,
     group, whose scale and bias go into its A fragments."""
     SLAB: tl.constexpr = SLAB_BYTES * 8 // BITS
     if INTERPRET_C:
-        c2 = 2 * q
-        args = (stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G,
-                BITS)
-        d0 = _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_lo,
-                                     tl.minimum(c2, M - 1), slab, *args)
-        d1 = _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_lo,
-                                     tl.minimum(c2 + 1, M - 1), slab, *args)
-        d2 = _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_hi,
-                                     tl.minimum(c2, M - 1), slab, *args)
-        d3 = _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_hi,
-                                     tl.minimum(c2 + 1, M - 1), slab, *args)
-        d4, d5, d6, d7 = d0, d1, d2, d3  # unused unless MB == 2
-        if MB == 2:
-            d4 = _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_lo,
-                                         tl.minimum(c2 + 8, M - 1), slab, *args)
-            d5 = _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_lo,
-                                         tl.minimum(c2 + 9, M - 1), slab, *args)
-            d6 = _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_hi,
-                                         tl.minimum(c2 + 8, M - 1), slab, *args)
-            d7 = _slab_dot_lane_emulated(qw_ptr, x_ptr, s_ptr, b_ptr, ld_hi,
-                                         tl.minimum(c2 + 9, M - 1), slab, *args)
+        d0, d1, d2, d3, d4, d5, d6, d7, _x0, _x1, _x2, _x3 = emulate_fragments(
+            qw_ptr, x_ptr, s_ptr, b_ptr, q, ld_lo, ld_hi, slab, M, stride_qn, stride_xm,
+            stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G, MB, BITS)
     else:
         DTYPE: tl.constexpr = x_ptr.dtype.element_ty
         g = (slab * SLAB + (SLAB // 4) * q) // SMALL_G  # this lane's columns' group
