@@ -187,12 +187,13 @@ class TritonDequantKernel(GGMLKernel):
         return True, ""
 
     def __init__(self, w: GGMLTensor, dtype: torch.dtype, device: torch.device) -> None:
-        self.data, self.ggml_type, self.cols = w.data.contiguous(), w.ggml_type, w.shape[1]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from quant_kernels import triton_ggml_dequant as tgd
 
-        return F.linear(x, tgd.dequantize(self.data, self.ggml_type, self.cols, x.dtype))
+        self.data, self.ggml_type, self.cols = w.data.contiguous(), w.ggml_type, w.shape[1]
+        self.dequantize = tgd.dequantize  # bound once: no import on every call
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(self.data, self.ggml_type, self.cols, x.dtype))
 
 
 class _RepackedTritonKernel(GGMLKernel):

@@ -86,7 +86,7 @@ class TritonLut4Kernel(PackedKernel):
         return True, ""
 
     def __init__(self, method, layer, device) -> None:
-        from quant_kernels.triton_lut4 import concat_lut4, mergeable, pack_lut4
+        from quant_kernels.triton_lut4 import concat_lut4, lut4_matmul, mergeable, pack_lut4
 
         pieces: list[list] = []
         for raw, meta, rows in zip(layer.raw_shards, layer.bnb_meta, layer.output_sizes):
@@ -97,13 +97,12 @@ class TritonLut4Kernel(PackedKernel):
             else:  # another code book, block size or dtype: its own matmul
                 pieces.append([w])
         self.parts = [concat_lut4(p) for p in pieces]
+        self.matmul = lut4_matmul  # bound once: no import on every call
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from quant_kernels.triton_lut4 import lut4_matmul
-
         if len(self.parts) == 1:
-            return lut4_matmul(x, self.parts[0])
-        return torch.cat([lut4_matmul(x, w) for w in self.parts], dim=-1)
+            return self.matmul(x, self.parts[0])
+        return torch.cat([self.matmul(x, w) for w in self.parts], dim=-1)
 
     def tensors(self):
         return [t for w in self.parts for t in (w.codes, w.absmax, w.lut)]
