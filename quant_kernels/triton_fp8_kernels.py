@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
+from .triton_wq_tile import (INTERPRET, SPLITK_MAX_N, autotune_kwargs, check_split_tiles,
                              device_fn, grouped_tile, launch_tuned, mma, split_locks,
                              split_range, store_tile, splitk_workspace)
 from .wq_layout import m_bucket, next_pow2, num_sms
@@ -281,12 +281,6 @@ def _launch_args(x, w, out, ws, bucket: int, cvt: bool):
     return args, {"PER_ROW": sbk == 0, "CVT": cvt, "SCALE_MUL": 1.0 if cvt else BITS_SCALE}
 
 
-def _check_split(tiles: int, split: int) -> None:
-    if split > 1 and tiles > MAX_SPLIT_TILES:
-        raise ValueError(f"split-K over {tiles} output tiles: more than the "
-                         f"{MAX_SPLIT_TILES} counters (use SPLIT_K=1)")
-
-
 def gemv(x: torch.Tensor, w: Fp8Weight, out: torch.Tensor,
          config: triton.Config | None = None, cvt: bool | None = None) -> torch.Tensor:
     """``out[M, N] = x[M, K] @ W.T`` for M <= 16 (x K-contiguous).  ``config`` pins a config
@@ -303,7 +297,7 @@ def gemv(x: torch.Tensor, w: Fp8Weight, out: torch.Tensor,
 
     def grid(meta):
         tiles = triton.cdiv(w.n, meta["BLOCK_N"])
-        _check_split(tiles, meta["SPLIT_K"])
+        check_split_tiles(tiles, meta["SPLIT_K"])
         return (tiles, meta["SPLIT_K"])
     if config is not None:
         _fp8_gemv_kernel[grid(config.kwargs)](*args, **consts, **config.all_kwargs())
@@ -327,7 +321,7 @@ def gemm(x: torch.Tensor, w: Fp8Weight, out: torch.Tensor,
 
     def grid(meta):
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(w.n, meta["BLOCK_N"])
-        _check_split(tiles, meta["SPLIT_K"])
+        check_split_tiles(tiles, meta["SPLIT_K"])
         return (tiles, meta["SPLIT_K"])
     if config is not None:
         _fp8_gemm_kernel[grid(config.kwargs)](*args, **consts, **config.all_kwargs())

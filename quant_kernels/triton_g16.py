@@ -31,7 +31,7 @@ try:
     import triton
 
     from . import triton_g16_kernels as _k
-    from .triton_wq_tile import (MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs, launch_tuned,
+    from .triton_wq_tile import (SPLITK_MAX_N, autotune_kwargs, check_split_tiles, launch_tuned,
                                  split_locks)
     from .wq_layout import m_bucket, num_sms
     HAS_TRITON = True
@@ -147,12 +147,6 @@ def _splitk_ws(device, m: int, n: int, split: int) -> torch.Tensor:
     return torch.empty(split * m * n if split > 1 else 1, device=device, dtype=torch.float32)
 
 
-def _check_tiles(tiles: int, split: int) -> None:
-    if split > 1 and tiles > MAX_SPLIT_TILES:
-        raise ValueError(f"split-K over {tiles} output tiles: more than the "
-                         f"{MAX_SPLIT_TILES} counters (use SPLIT_K=1)")
-
-
 def gemv(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
          config: triton.Config | None = None) -> torch.Tensor:
     """``out[M, N] = x[M, K] @ W.T`` for M <= 16 (shapes checked by the caller).
@@ -175,7 +169,7 @@ def gemv(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
     def grid(meta):
         tiles = (triton.cdiv(w.n, meta["BLOCK_N"]), meta["SPLIT_K"],
                  triton.cdiv(m, meta["BLOCK_M"]))
-        _check_tiles(tiles[0] * tiles[2], meta["SPLIT_K"])
+        check_split_tiles(tiles[0] * tiles[2], meta["SPLIT_K"])
         return tiles
     if config is not None:
         _k._g16_gemv_kernel[grid(config.kwargs)](*args, **consts, **config.all_kwargs())
@@ -202,7 +196,7 @@ def gemm(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
 
     def grid(meta):
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(w.n, meta["BLOCK_N"])
-        _check_tiles(tiles, meta["SPLIT_K"])
+        check_split_tiles(tiles, meta["SPLIT_K"])
         return (tiles, meta["SPLIT_K"])
     if config is not None:
         _k._g16_gemm_kernel[grid(config.kwargs)](*args, **consts, **config.all_kwargs())

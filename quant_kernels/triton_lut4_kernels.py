@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
+from .triton_wq_tile import (INTERPRET, SPLITK_MAX_N, autotune_kwargs, check_split_tiles,
                              device_fn, launch_tuned, mma, split_locks, split_range,
-                             store_tile)
+                             splitk_workspace, store_tile)
 from .wq_layout import m_bucket, next_pow2, num_sms
 
 if TYPE_CHECKING:
@@ -253,20 +253,16 @@ def fused(x: torch.Tensor, w: Lut4Weight, out: torch.Tensor,
         if not tile_ok(tile_k, w.blocksize, w.k):
             raise ValueError(f"config BLOCK_K={tile_k} does not divide the block size "
                              f"{w.blocksize}")
-        split = config.kwargs["SPLIT_K"]
-    else:
-        split = max(c.kwargs["SPLIT_K"] for c in
-                    prune(CONFIGS, w.n, w.k, w.blocksize, mb, num_sms(x.device)))
-    ws = torch.empty(split * m * w.n if split > 1 else 1, device=x.device, dtype=torch.float32)
+    kept = None if config is not None else prune(CONFIGS, w.n, w.k, w.blocksize, mb,
+                                                   num_sms(x.device))
+    ws = splitk_workspace(x.device, m, w.n, kept, config)
     args = (x, w.codes, w.absmax, w.lut, out, ws, split_locks(x.device), m, w.n, w.k,
             w.blocksize, mb, x.stride(0), x.stride(1), w.codes.stride(0), w.codes.stride(1),
             w.absmax.stride(0), w.absmax.stride(1), out.stride(0), out.stride(1))
 
     def grid(meta):
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(w.n, meta["BLOCK_N"])
-        if meta["SPLIT_K"] > 1 and tiles > MAX_SPLIT_TILES:
-            raise ValueError(f"split-K over {tiles} output tiles: more than the "
-                             f"{MAX_SPLIT_TILES} counters (use SPLIT_K=1)")
+        check_split_tiles(tiles, meta["SPLIT_K"])
         return (tiles, meta["SPLIT_K"])
     consts = {"WROUND": w.wround}
     if config is not None:

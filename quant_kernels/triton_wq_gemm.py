@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .triton_wq_gemv import interpret_tiles
-from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N, autotune_kwargs,
+from .triton_wq_tile import (INTERPRET, SPLITK_MAX_N, autotune_kwargs, check_split_tiles,
                              dequant_tile, dequant_tile_fast, fast_dequant_ok, grouped_tile,
                              launch_tuned, load_tile, mma, split_locks, split_range,
                              store_tile, splitk_workspace)
@@ -188,9 +188,7 @@ def gemm(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
 
     def grid(meta):
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        if meta["SPLIT_K"] > 1 and tiles > MAX_SPLIT_TILES:
-            raise ValueError(f"split-K over {tiles} output tiles: more than the "
-                             f"{MAX_SPLIT_TILES} counters (use SPLIT_K=1)")
+        check_split_tiles(tiles, meta["SPLIT_K"])
         return (tiles, meta["SPLIT_K"])
     if config is not None:
         _wq_gemm_kernel[grid(config.kwargs)](*args, BITS=w.bits, FAST=fast,

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_wq_tile import (INTERPRET, MAX_SPLIT_TILES, SPLITK_MAX_N,  # noqa: F401
-                             autotune_kwargs, dequant_tile, dequant_tile_fast,
-                             fast_dequant_ok, launch_tuned, load_tile, mma, split_locks,
+from .triton_wq_tile import (INTERPRET, SPLITK_MAX_N,  # noqa: F401
+                             autotune_kwargs, check_split_tiles, dequant_tile,
+                             dequant_tile_fast, fast_dequant_ok, launch_tuned, load_tile, mma, split_locks,
                              split_range, store_tile, splitk_workspace, unpack_unit)
 from .wq_layout import (WQWeight, k_tile_ok, m_bucket, num_sms,  # noqa: F401
                         wide_tile_ok, widest_k_tiles)
@@ -180,9 +180,7 @@ def _grid(m: int, n: int):
     def grid(meta):
         tiles = (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"],
                  triton.cdiv(m, max(meta["BLOCK_M"], 1)))
-        if meta["SPLIT_K"] > 1 and tiles[0] * tiles[2] > MAX_SPLIT_TILES:
-            raise ValueError(f"split-K over {tiles[0] * tiles[2]} output tiles: more than "
-                             f"the {MAX_SPLIT_TILES} counters (use SPLIT_K=1)")
+        check_split_tiles(tiles[0] * tiles[2], meta["SPLIT_K"])
         return tiles
     return grid
 

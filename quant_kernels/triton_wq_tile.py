@@ -256,6 +256,13 @@ MAX_SPLIT_TILES = 1 << 16  # split-K tile counters per device (grid N tiles x M 
 _locks: dict = {}
 
 
+def check_split_tiles(tiles: int, split: int) -> None:
+    """A split-K launch needs one counter per output tile (``split_locks``)."""
+    if split > 1 and tiles > MAX_SPLIT_TILES:
+        raise ValueError(f"split-K over {tiles} output tiles: more than the "
+                         f"{MAX_SPLIT_TILES} counters (use SPLIT_K=1)")
+
+
 def split_locks(device) -> torch.Tensor:
     """Zeroed int32 counters, one per output tile of a split-K launch, shared by every
     launch on ``device``: each launch leaves them at zero again.  Launches on one stream
