@@ -21,8 +21,9 @@ import triton.language as tl
 
 from .triton_wq_tile import (INTERPRET, SPLITK_MAX_N,  # noqa: F401
                              autotune_kwargs, check_split_tiles, dequant_tile,
-                             dequant_tile_fast, fast_dequant_ok, launch_tuned, load_tile, mma, split_locks,
-                             split_range, store_tile, splitk_workspace, unpack_unit)
+                             dequant_tile_fast, fast_dequant_ok, launch_tuned, load_tile,
+                             mma, split_locks, split_range, store_tile, splitk_workspace,
+                             unpack_unit)
 from .wq_layout import (WQWeight, k_tile_ok, m_bucket, num_sms,  # noqa: F401
                         wide_tile_ok, widest_k_tiles)
 
