@@ -99,6 +99,23 @@ def test_shape_errors():
         paged_decode_attention(q[:, :3], k, v, tables, lens, 1.0)
     with pytest.raises(ValueError, match="batch"):
         paged_decode_attention(q, k, v, tables, lens.repeat(2), 1.0)
+    for tile in (8, 48):
+        with pytest.raises(ValueError, match="tokens_per_tile"):
+            paged_decode_attention(q, k, v, tables, lens, 1.0, tokens_per_tile=tile)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton on the CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("tile", [16, 32])
+def test_tile_sizes_interpreted(tile):
+    """Tiles smaller than the default: several tiles per split, one page per tile or a
+    tile over several pages, the same result."""
+    from quant_kernels.paged_attention import paged_decode_attention
+
+    q, k, v, tables, lens, meta, (q0, k0, v0) = _case([5, 41, 70], 4, 2, 16, 8,
+                                                       torch.float32, "cpu")
+    got = paged_decode_attention(q, k, v, tables, lens, 0.25, None, 2, tokens_per_tile=tile)
+    want = paged_attention_ref(q0.float(), k0.float(), v0.float(), meta, 0.25, None)
+    assert (got - want).abs().max().item() < 2e-3
 
 
 @pytest.mark.gpu
