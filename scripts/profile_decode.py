@@ -68,6 +68,21 @@ def kernel_table(prof, steps: int) -> tuple[float, list[dict], dict]:
     return sum(r["us_per_step"] for r in rows), rows, idle_gaps(spans, steps)
 
 
+def timed_then_profiled(run, steps: int) -> tuple[float, float, list[dict], dict]:
+    """``run()`` (``steps`` decode steps) once timed, once under the profiler: (wall s per
+    step, GPU busy us per step, per-kernel rows, idle gaps)."""
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        run()
+        torch.cuda.synchronize()
+    return (wall, *kernel_table(prof, steps))
+
+
 def profile(path: Path, tokens: int, graphs: bool) -> dict:
     from quantrt import LLM, SamplingParams
 
@@ -76,16 +91,7 @@ def profile(path: Path, tokens: int, graphs: bool) -> dict:
     prompt = list(range(300, 332))
     sp = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     llm.generate([prompt], sp)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    llm.generate([prompt], sp)
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / tokens
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        llm.generate([prompt], sp)
-        torch.cuda.synchronize()
-    busy, rows, gaps = kernel_table(prof, tokens)
+    wall, busy, rows, gaps = timed_then_profiled(lambda: llm.generate([prompt], sp), tokens)
     llm.shutdown()
     del llm
     torch.cuda.empty_cache()
@@ -114,18 +120,11 @@ def profile_batch(path: Path, tokens: int, batch: int, prompt_len: int) -> dict:
     for _ in range(4):  # graphs of this batch size captured, overlapped steps under way
         eng.step()
     running = len(sched.running)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(tokens):
-        eng.step()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t) / tokens
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+
+    def steps() -> None:
         for _ in range(tokens):
             eng.step()
-        torch.cuda.synchronize()
-    busy, rows, gaps = kernel_table(prof, tokens)
+    wall, busy, rows, gaps = timed_then_profiled(steps, tokens)
     llm.shutdown()
     del llm, eng
     torch.cuda.empty_cache()
