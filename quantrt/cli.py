@@ -223,11 +223,12 @@ def estimate_command(source: str, methods: tuple[str, ...], gpu, gpu_memory, num
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True,
               help="Sequences in the running batch.")
 @click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True),
-              default=None, help="Fraction of GPU memory this server may use; the KV cache "
-                                 "gets what the weights and activations leave.")
+              default=None, help="Fraction of GPU memory this server may use (default 0.9); "
+                                 "the KV cache gets what the weights and the profiled "
+                                 "activations leave.")
 @click.option("--kv-cache-memory", default=None,
-              help="KV-cache size, bytes or e.g. 4GiB (default: 1 GiB on CPU, 40% of free "
-                   "GPU memory).")
+              help="KV-cache size, bytes or e.g. 4GiB (default: 1 GiB on CPU; on a GPU, what "
+                   "--gpu-memory-utilization leaves).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0,
               show_default=True, help="Seconds in-flight requests get after SIGTERM before "
                                       "they are aborted.")

@@ -52,6 +52,16 @@ DOT16 = [gv._cfg(16, bn, bk, sk, w, st) for bn, bk, sk, w, st in
 SWAP = [gv._cfg(bm, bn, bk, sk, w, st) for bm, bn, bk, sk, w, st in
         ((32, 64, 128, 4, 4, 4), (32, 128, 128, 4, 8, 3), (32, 64, 128, 8, 4, 3),
          (64, 64, 128, 2, 4, 4), (64, 128, 128, 2, 8, 3), (64, 128, 128, 4, 8, 3))]
+# M > 64: the weight-stationary kernel with large M tiles.  The dequantized weight tile is
+# the MMA's A operand, which wgmma may take from registers (the x-stationary GEMM's weight
+# is its B operand and must round-trip through shared memory).
+SWAP_BIG = [gv._cfg(bm, bn, bk, sk, w, st) for bm, bn, bk, sk, w, st in
+            ((128, 128, 64, 1, 8, 3), (128, 128, 64, 1, 8, 4), (128, 128, 128, 1, 8, 3),
+             (128, 64, 128, 1, 4, 3), (128, 64, 64, 1, 4, 4), (256, 128, 64, 1, 8, 3),
+             (256, 128, 64, 1, 8, 4), (256, 64, 64, 1, 4, 3), (256, 128, 128, 1, 8, 2),
+             (256, 64, 128, 1, 4, 3), (128, 256, 64, 1, 8, 3), (64, 128, 64, 1, 8, 4),
+             (128, 128, 64, 2, 8, 3), (256, 128, 64, 2, 8, 3), (64, 128, 128, 1, 4, 3),
+             (64, 256, 64, 1, 8, 3))]
 GEMM = [gm._cfg(bm, bn, bk, sk, w, st, 8) for bm, bn, bk, sk, w, st in
         ((64, 64, 128, 2, 4, 4), (64, 128, 128, 2, 4, 3), (128, 128, 64, 1, 8, 3),
          (128, 128, 64, 2, 8, 3))]
@@ -76,6 +86,10 @@ def candidates(m, dtype):
                 for c in DOT16]
     out += [(name("swap", c), lambda x, w, o, c=c: gv.run_config(x, w, o, c))
             for c in SWAP if 16 < m <= c.kwargs["BLOCK_M"] <= 2 * m]
+    if m > 64:
+        out += [(name("swap", c), lambda x, w, o, c=c: gv.run_config(x, w, o, c))
+                for c in SWAP_BIG if c.kwargs["BLOCK_M"] <= 2 * m]
+    out.append(("auto", lambda x, w, o: tw.wq_matmul(x, w, out=o)))
     if m > 16:
         out += [(name("gemm", c), lambda x, w, o, c=c: gm.gemm(x, w, o, config=c))
                 for c in GEMM if c.kwargs["BLOCK_M"] <= max(32, 2 * m)]
@@ -83,27 +97,27 @@ def candidates(m, dtype):
     return out
 
 
-def make_weights(n, k, dtype, count):
+def make_weights(n, k, dtype, count, group=128):
     out = []
     for i in range(count):
         g = torch.Generator(device="cuda").manual_seed(i)
-        gn = -(-k // 128)
+        gn = -(-k // group)
         q = torch.randint(0, 16, (n, k), device="cuda", generator=g, dtype=torch.int32)
         s = (torch.rand(n, gn, device="cuda", generator=g) + 0.5) / (k ** 0.5 * 16)
         z = torch.randint(0, 16, (n, gn), device="cuda", generator=g).float()
-        out.append(tw.pack_wq(q, s, -z * s, 128, 4, dtype=dtype))
+        out.append(tw.pack_wq(q, s, -z * s, group, 4, dtype=dtype))
     return out
 
 
-def sweep(k, n, dtype, ms, rows, deadline, copy_bw):
-    ws = make_weights(n, k, dtype, ROTATE)
+def sweep(k, n, dtype, ms, rows, deadline, copy_bw, group=128):
+    ws = make_weights(n, k, dtype, ROTATE, group)
     dense = [torch.randn(n, k, device="cuda", dtype=dtype) / k ** 0.5 for _ in range(4)]
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = tw.wq_reference(x, ws[0])
         outs = [torch.empty(m, n, device="cuda", dtype=dtype) for _ in range(ROTATE)]
         base_t = graph_time_us([lambda d=d: F.linear(x, d) for d in dense * 2])
-        base = dict(K=k, N=n, M=m, dtype=str(dtype).split(".")[-1], dense_us=base_t)
+        base = dict(K=k, N=n, M=m, group=group, dtype=str(dtype).split(".")[-1], dense_us=base_t)
         results = []
         for label, fn in candidates(m, dtype):
             if time.monotonic() > deadline:
@@ -128,11 +142,11 @@ def sweep(k, n, dtype, ms, rows, deadline, copy_bw):
                 print(f"  {label}: {row['error']}", flush=True)
             rows.append(row)
         ok = [r for r in results if not r["nan"] and r["rel_err"] < 1e-2 and r["rel_err2"] < 1e-2]
-        for fam in ("v1", "gemv", "swap", "gemm", "deq"):
+        for fam in ("v1", "gemv", "swap", "gemm", "deq", "auto"):
             best = min((r for r in ok if r["kind"].split(":")[0] == fam),
                        key=lambda r: r["us"], default=None)
             if best:
-                print(f"{base['dtype']} K={k} N={n} M={m}: dense {base_t:.1f} us | {best['kind']} "
+                print(f"{base['dtype']} g{group} K={k} N={n} M={m}: dense {base_t:.1f} us | {best['kind']} "
                       f"{best['us']:.1f} us {best['speedup']:.2f}x copy {best['copy_frac']:.0%} "
                       f"err {best['rel_err']:.1e}", flush=True)
         bad = [r["kind"] for r in results if r not in ok]
@@ -150,6 +164,10 @@ def main() -> int:
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=";".join(f"{k},{n}" for k, n in SHAPES))
     ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--groups", default="128", help="int4 group sizes, e.g. 128,32")
+    ap.add_argument("--ptx", default=None,
+                    help="folder: copy the compiled PTX of the swap kernels there and print "
+                         "which MMA instructions they use")
     args = ap.parse_args()
     deadline = time.monotonic() + args.budget
     ms = [int(v) for v in args.ms.split(",")]
@@ -164,11 +182,31 @@ def main() -> int:
             sel = ms if dtype == torch.float16 else [m for m in ms if m <= 16]
             if dtype != torch.float16 and (k, n) != shapes[0]:
                 continue
-            if not sweep(k, n, dtype, sel, rows, deadline, copy_bw):
-                break
+            for group in [int(v) for v in args.groups.split(",")]:
+                if not sweep(k, n, dtype, sel, rows, deadline, copy_bw, group):
+                    break
             Path(args.out).write_text(json.dumps({"copy_GBps": copy_bw, "rows": rows}, indent=1))
     Path(args.out).write_text(json.dumps({"copy_GBps": copy_bw, "rows": rows}, indent=1))
+    if args.ptx:
+        dump_ptx(Path(args.ptx))
     return 0
+
+
+def dump_ptx(dest: Path) -> None:
+    """Which MMA instructions the compiled weight-stationary kernels use: wgmma whose A
+    operand is a register list (``{%r..}``) rather than a shared-memory descriptor is what
+    the large-M swap tiles are meant to get."""
+    import os
+    import re
+    import shutil
+    cache = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    dest.mkdir(parents=True, exist_ok=True)
+    for i, ptx in enumerate(sorted(cache.glob("*/_wq_gemv_kernel.ptx"))):
+        text = ptx.read_text()
+        ops = sorted({m.group(0) for m in re.finditer(r"(wgmma\.mma_async\S*|mma\.sync\S*)", text)})
+        a_regs = bool(re.search(r"wgmma\.mma_async\S*\s*\{[^}]*\},\s*\{", text))
+        shutil.copy(ptx, dest / f"wq_gemv_{i}.ptx")
+        print(f"ptx {i}: {ops} A in registers: {a_regs}", flush=True)
 
 
 if __name__ == "__main__":

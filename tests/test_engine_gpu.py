@@ -58,3 +58,34 @@ def test_overlapped_steps_match_plain(kind, tmp_path):
         assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
         assert llm.engine._pending is None
     assert outs[True] == outs[False]
+
+
+def test_utilization_budget_bounds_real_steps(tmp_path):
+    """The profiled peaks (engine/memory_profile.py) hold what real steps allocate: a
+    step of max_num_batched_tokens prompt tokens stays within the profiled prefill peak,
+    and the engine's KV cache is what gpu_memory_utilization leaves."""
+    import torch
+
+    from quantrt import LLM, SamplingParams
+    from quantrt.engine.memory_profile import profile
+    from quantrt.loader import load
+
+    source = make_tiny_model(tmp_path / "m", seed=4)
+    lm = load(str(source), device="cuda", dtype="float32")
+    prof = profile(lm, max_num_seqs=8, max_num_batched_tokens=512, block_size=4,
+                   cuda_graphs=True)
+    assert prof.prefill_peak > prof.decode_peak > 0
+    assert 0 < prof.in_use < prof.total
+    del lm
+    llm = LLM(str(source), device="cuda", dtype="float32", gpu_memory_utilization=0.5,
+              max_num_seqs=8, max_num_batched_tokens=512, block_size=4, max_model_len=128)
+    blocks = llm.engine.blocks
+    assert blocks.num_blocks == 8 * 128 // 4          # capped: every sequence at full length
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    prompts = [[(31 * i + j) % 200 + 1 for j in range(64)] for i in range(8)]   # 512 tokens
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base <= 1.25 * prof.prefill_peak + (1 << 20)
+    assert blocks.num_free == blocks.num_blocks

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from quantrt.engine.block_manager import BlockManager, KVUsage
 from quantrt.engine.model_runner import ModelRunner, PendingStep, kv_bytes_per_token
@@ -30,7 +29,11 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
-    kv_cache_memory: int | None = None      # bytes; None: 1 GiB on CPU, 40% of free on GPU
+    kv_cache_memory: int | None = None      # bytes; None: 1 GiB on CPU, see below on GPU
+    # GPU only: the fraction of the device's memory this process may hold; the KV cache gets
+    # what the weights and the profiled peak activations leave (engine/memory_profile.py).
+    # None: 0.9 when kv_cache_memory is not given.
+    gpu_memory_utilization: float | None = None
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True                # decode steps replay captured graphs on CUDA
     tensor_parallel_size: int = 1           # ranks (processes, one GPU each) per model
@@ -46,6 +49,12 @@ class EngineConfig:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        util = self.gpu_memory_utilization
+        if util is not None:
+            if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+                raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
+            if self.kv_cache_memory is not None:
+                raise ConfigError("give kv_cache_memory or gpu_memory_utilization, not both")
         for name in ("enable_prefix_caching", "cuda_graphs", "overlap_steps"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "overlap_steps"):
@@ -70,18 +79,35 @@ class StepOutput:
     logprob: TokenLogprob | None = None
 
 
-def kv_memory(lm: LoadedModel, budget: int | None) -> tuple[int, int]:
-    """(KV-cache budget in bytes, KV bytes per token) of this process: ``budget``, or 1 GiB
-    on the CPU, 40% of the free memory on a GPU.  Under tensor parallelism every rank
-    reports its own and the cache is sized so that each rank's part fits."""
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
+def kv_memory(lm: LoadedModel, config: EngineConfig) -> tuple[int, int]:
+    """(KV-cache budget in bytes, KV bytes per token) of this process: ``kv_cache_memory``;
+    else on a GPU what ``gpu_memory_utilization`` leaves after profiling steps
+    (``memory_profile``), on the CPU 1 GiB.  Under tensor parallelism every rank runs this
+    at once (the profiling forwards hold collectives) and the cache is sized so that each
+    rank's part fits."""
     per_token = kv_bytes_per_token(lm, lm.dtype)
-    if budget is None:
-        if lm.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(lm.device)
-            budget = int(free * 0.4)
-        else:
-            budget = DEFAULT_CPU_KV_BYTES
-    return budget, per_token
+    budget, util = config.kv_cache_memory, config.gpu_memory_utilization
+    if budget is not None:
+        return budget, per_token
+    if lm.device.type != "cuda":
+        if util is not None:
+            raise ConfigError("gpu_memory_utilization applies to a CUDA device",
+                              hint="on the CPU, size the KV cache with kv_cache_memory")
+        return DEFAULT_CPU_KV_BYTES, per_token
+    from quantrt.engine.memory_profile import utilization_budget
+
+    budget = utilization_budget(lm, DEFAULT_GPU_MEMORY_UTILIZATION if util is None else util,
+                                config.max_num_seqs, config.max_num_batched_tokens,
+                                config.block_size, config.cuda_graphs)
+    # no more than every sequence at full length can use (a small model on a large GPU
+    # would otherwise get millions of blocks, and a block table as long)
+    max_len = min(config.max_model_len or lm.config.max_position_embeddings,
+                  lm.config.max_position_embeddings)
+    blocks = config.max_num_seqs * -(-max_len // config.block_size)
+    return min(budget, blocks * config.block_size * per_token), per_token
 
 
 class LLMEngine:
@@ -94,11 +120,10 @@ class LLMEngine:
         self.tokenizer = lm.tokenizer
         self.config = config
         self.executor = executor
-        mine = kv_memory(lm, config.kv_cache_memory)
-        reports = [mine]
         if executor is not None:   # every rank's cache must hold the same blocks
-            executor.call("memory", config.kv_cache_memory)
-            reports = executor.gather(mine)
+            executor.call("memory", config)
+        mine = kv_memory(lm, config)
+        reports = [mine] if executor is None else executor.gather(mine)
         num_blocks = min(budget // (per_token * config.block_size) for budget, per_token in reports)
         if num_blocks < 1:
             budget, per_token = mine

@@ -35,34 +35,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-def kv_budget_for_utilization(lm: Any, utilization: float, max_num_seqs: int,
-                              max_num_batched_tokens: int) -> int:
-    """KV-cache bytes such that this process stays within ``utilization`` of the GPU's
-    memory, as vLLM's --gpu-memory-utilization means it: the fraction left after what is
-    in use now (the loaded weights, the CUDA context, other processes), less room for one
-    forward pass of max_num_batched_tokens and the running batch's logits."""
-    import torch
-
-    if lm.device.type != "cuda":
-        raise ConfigError("--gpu-memory-utilization applies to a CUDA device",
-                          hint="on CPU, size the KV cache with --kv-cache-memory")
-    free, total = torch.cuda.mem_get_info(lm.device)
-    cfg = lm.config
-    width = torch.finfo(lm.dtype).bits // 8
-    # Live activations of a prefill chunk (residual, norms, q/k/v/o and the MLP's three
-    # intermediate-size tensors) plus fp32 logits and sampling copies of the batch.
-    activations = max_num_batched_tokens * (8 * cfg.hidden_size + 3 * cfg.intermediate_size) \
-        * width + max_num_seqs * cfg.vocab_size * 4 * 3
-    reserve = activations + (768 << 20)      # cuBLAS workspaces, CUDA graphs, allocator slack
-    budget = int(utilization * total) - (total - free) - reserve
-    if budget <= 0:
-        raise ConfigError(f"--gpu-memory-utilization {utilization} leaves no room for the KV "
-                          f"cache: {(total - free) / 2**30:.2f} GiB of {total / 2**30:.2f} GiB "
-                          f"is in use and {reserve / 2**30:.2f} GiB is kept for activations",
-                          hint="raise it, or set --kv-cache-memory")
-    return budget
-
-
 def build_engine(source: str, quantization: str | None, device: str | None, dtype: str,
                  kernels: str, *, max_model_len: int | None, max_num_seqs: int,
                  kv_cache_memory: str | None, gpu_memory_utilization: float | None,
@@ -74,16 +46,14 @@ def build_engine(source: str, quantization: str | None, device: str | None, dtyp
     if kv_cache_memory is not None and gpu_memory_utilization is not None:
         raise ConfigError("give --kv-cache-memory or --gpu-memory-utilization, not both")
     options: dict[str, Any] = {"max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
-                               "tensor_parallel_size": tensor_parallel_size}
+                               "tensor_parallel_size": tensor_parallel_size,
+                               "gpu_memory_utilization": gpu_memory_utilization}
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = parse_size(kv_cache_memory)
     config = EngineConfig.from_options(**options)          # bad values fail before the load
     lm, executor = load_model(source, quantization, tensor_parallel_size, device=device,
                               dtype=dtype, kernels=kernels)
     try:
-        if gpu_memory_utilization is not None:
-            config = EngineConfig.from_options(**options, kv_cache_memory=kv_budget_for_utilization(
-                lm, gpu_memory_utilization, config.max_num_seqs, config.max_num_batched_tokens))
         return AsyncLLMEngine(LLMEngine(lm, config, executor))
     except BaseException:
         if executor is not None:
