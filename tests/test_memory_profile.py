@@ -12,12 +12,14 @@ from quantrt.errors import ConfigError
 GIB = 1 << 30
 
 
-@pytest.mark.parametrize("tokens,seqs", [(1, 1), (17, 4), (23, 23), (8192, 256), (5, 64)])
-def test_split_lengths_covers_every_token_evenly(tokens, seqs):
-    lens = split_lengths(tokens, seqs)
-    assert sum(lens) == tokens
+@pytest.mark.parametrize("tokens,seqs,max_len", [(1, 1, 8), (17, 4, 100), (23, 23, 1),
+                                                (8192, 256, 4096), (5, 64, 2), (2048, 4, 256),
+                                                (2048, 3, 17)])
+def test_split_lengths_is_a_step_the_scheduler_can_build(tokens, seqs, max_len):
+    lens = split_lengths(tokens, seqs, max_len)
+    assert sum(lens) == min(tokens, seqs * max_len)
     assert len(lens) == min(seqs, tokens)
-    assert max(lens) - min(lens) <= 1 and min(lens) >= 1
+    assert max(lens) - min(lens) <= 1 and min(lens) >= 1 and max(lens) <= max_len
 
 
 @pytest.mark.parametrize("lengths,block_size", [([1], 16), ([17, 1, 23], 4), ([5] * 7, 16)])

@@ -99,13 +99,13 @@ def kv_memory(lm: LoadedModel, config: EngineConfig) -> tuple[int, int]:
         return DEFAULT_CPU_KV_BYTES, per_token
     from quantrt.engine.memory_profile import utilization_budget
 
-    budget = utilization_budget(lm, DEFAULT_GPU_MEMORY_UTILIZATION if util is None else util,
-                                config.max_num_seqs, config.max_num_batched_tokens,
-                                config.block_size, config.cuda_graphs)
-    # no more than every sequence at full length can use (a small model on a large GPU
-    # would otherwise get millions of blocks, and a block table as long)
     max_len = min(config.max_model_len or lm.config.max_position_embeddings,
                   lm.config.max_position_embeddings)
+    budget = utilization_budget(lm, DEFAULT_GPU_MEMORY_UTILIZATION if util is None else util,
+                                config.max_num_seqs, config.max_num_batched_tokens,
+                                config.block_size, config.cuda_graphs, max_len)
+    # no more than every sequence at full length can use (a small model on a large GPU
+    # would otherwise get millions of blocks, and a block table as long)
     blocks = config.max_num_seqs * -(-max_len // config.block_size)
     return min(budget, blocks * config.block_size * per_token), per_token
 

@@ -43,8 +43,11 @@ class MemoryProfile:
                 f"{self.decode_peak / gib:.2f} GiB, slack {SLACK_BYTES / gib:.2f} GiB")
 
 
-def split_lengths(tokens: int, seqs: int) -> list[int]:
-    """``tokens`` prompt tokens over ``min(seqs, tokens)`` sequences, as even as possible."""
+def split_lengths(tokens: int, seqs: int, max_len: int) -> list[int]:
+    """``tokens`` prompt tokens over ``min(seqs, tokens)`` sequences, as even as possible;
+    none longer than ``max_len`` (a step the scheduler can build: fewer tokens when
+    ``seqs * max_len`` is less)."""
+    tokens = min(tokens, seqs * max_len)
     seqs = max(1, min(seqs, tokens))
     base, extra = divmod(tokens, seqs)
     return [base + (i < extra) for i in range(seqs)]
@@ -94,14 +97,14 @@ def step_peak(lm, lengths: list[int], block_size: int) -> int:
 
 
 def profile(lm, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
-            cuda_graphs: bool) -> MemoryProfile:
+            cuda_graphs: bool, max_len: int) -> MemoryProfile:
     """Run the profiling steps on ``lm``'s GPU (every tensor-parallel rank at once: the
     forwards hold collectives) and measure."""
     dev = lm.device
     torch.cuda.synchronize(dev)
     gc.collect()   # an engine dropped just before (reference cycles) must not count
     torch.cuda.empty_cache()
-    prefill = step_peak(lm, split_lengths(max_num_batched_tokens, max_num_seqs), block_size)
+    prefill = step_peak(lm, split_lengths(max_num_batched_tokens, max_num_seqs, max_len), block_size)
     decode = step_peak(lm, [1] * max_num_seqs, block_size) if cuda_graphs else 0
     free, total = torch.cuda.mem_get_info(dev)
     # memory our allocator holds but does not use is free for the KV cache
@@ -111,9 +114,9 @@ def profile(lm, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
 
 
 def utilization_budget(lm, utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
-                       block_size: int, cuda_graphs: bool) -> int:
+                       block_size: int, cuda_graphs: bool, max_len: int) -> int:
     """KV-cache bytes for ``utilization`` of ``lm``'s GPU; a clear error when none is left."""
-    prof = profile(lm, max_num_seqs, max_num_batched_tokens, block_size, cuda_graphs)
+    prof = profile(lm, max_num_seqs, max_num_batched_tokens, block_size, cuda_graphs, max_len)
     budget = prof.kv_budget(utilization)
     if budget <= 0:
         raise ConfigError(f"gpu_memory_utilization {utilization} leaves no room for the KV "
