@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--single-tokens", type=int, default=256)
-    ap.add_argument("--max-num-seqs", default="256",
+    ap.add_argument("--max-num-seqs", default="512",
                     help="comma list: one run of ours per (seqs, tokens) pair")
     ap.add_argument("--max-batched-tokens", default="8192", help="comma list")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
