@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-
 from quantrt.engine.block_manager import BlockManager, KVUsage
 from quantrt.engine.model_runner import ModelRunner, PendingStep, kv_bytes_per_token
 from quantrt.engine.outputs import TokenLogprob
