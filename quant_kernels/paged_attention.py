@@ -15,6 +15,9 @@ layer.
 ``softcap`` (Gemma 2) caps each score as ``cap * tanh(score / cap)``; a constexpr, so the
 uncapped kernel compiles without it.
 
+FP8 caches (``float8_e4m3fn`` / ``float8_e5m2``, scale 1.0) are upcast to q's dtype as
+each tile is loaded; the dots and the softmax are the same as for a 16-bit cache.
+
 The torch reference is ``quantrt.models.attention.paged_attention_ref``.
 """
 from __future__ import annotations
@@ -30,6 +33,18 @@ from quant_kernels.triton_wq_tile import split_locks
 # (10x the KV bytes' copy time), latency-bound on one page in flight.  Several pages per
 # step as MMA tiles keep enough bytes in flight (scripts/bench_decode_attention.py).
 TOKENS_PER_TILE = 64
+
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def check_cache_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The attention kernels read caches of q's dtype, or FP8 ones (scale 1.0) that they
+    upcast to q's dtype tile by tile."""
+    if k_cache.dtype != v_cache.dtype or (k_cache.dtype != q.dtype
+                                          and k_cache.dtype not in FP8_CACHE_DTYPES):
+        raise ValueError(f"KV caches of {k_cache.dtype}/{v_cache.dtype} do not fit q of "
+                         f"{q.dtype}: they must be of q's dtype or one FP8 dtype "
+                         "(float8_e4m3fn, float8_e5m2)")
 
 
 @triton.jit
@@ -86,6 +101,9 @@ def _decode_kernel(
                     + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs
                     + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        # an FP8 cache (scale 1.0): upcast in registers; a no-op for a cache of q's dtype
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [ROWS, BLOCK_N]
         if SOFTCAP:
             # tanh from exp of a non-positive argument, so it never overflows
@@ -174,6 +192,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"tokens_per_tile must be a power of two >= 16, got {tokens_per_tile}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
+    check_cache_dtype(q, k_cache, v_cache)
     group = heads // kv_heads
     if splits is None:
         splits = pick_splits(bsz, kv_heads, block_tables.shape[1] * block_size, q.device,

@@ -20,6 +20,8 @@ the uncapped kernel compiles without it.  GQA: query head ``h`` reads KV head
 ``h // (H / Hk)``; the K/V tiles of a group's heads are re-read from L2, not HBM, as its
 programs are launched next to each other.
 
+FP8 caches (scale 1.0) are upcast to q's dtype as each K/V tile is loaded.
+
 The torch reference is ``quantrt.models.attention.paged_attention_ref``.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from quant_kernels.paged_attention import check_cache_dtype
 
 
 @triton.jit
@@ -183,6 +187,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"q must be fp16, bf16 or fp32, got {q.dtype}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("q and the caches must be contiguous in the head dimension")
+    check_cache_dtype(q, k_cache, v_cache)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be positive, got {softcap}")
     if sliding_window is not None and sliding_window < 1:

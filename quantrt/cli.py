@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Iterator
 import click
 
 from quantrt.errors import ConfigError, QuantrtError
+from quantrt.estimate.memory import KV_CACHE_DTYPES  # light: no torch
 from quantrt.loader import DTYPES, KERNEL_POLICIES
 
 if TYPE_CHECKING:
@@ -92,6 +93,14 @@ def _shut_down(executor: "TPExecutor | None") -> Iterator[None]:
             executor.shutdown()
 
 
+def _kv_cache_dtype(f):
+    # one option for run, serve and estimate: the names are the estimator's (KV_CACHE_DTYPES)
+    return click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)),
+                        default="auto", show_default=True,
+                        help="KV cache element type: auto = the model's dtype; fp8 (= "
+                             "fp8_e4m3) or fp8_e5m2 hold twice the tokens.")(f)
+
+
 @main.command()
 @click.argument("source", required=False, default="demo")
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
@@ -108,10 +117,11 @@ def _shut_down(executor: "TPExecutor | None") -> Iterator[None]:
 @click.option("--stats", is_flag=True, help="Print token counts and speed to stderr.")
 @click.option("--tensor-parallel-size", "-tp", type=click.IntRange(min=1), default=1,
               show_default=True, help="Split the model over this many GPUs (processes).")
+@_kv_cache_dtype
 @_common
 def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
-        seed, chat: bool, system, stats: bool, tensor_parallel_size: int, quantization, device,
-        dtype, kernels) -> None:
+        seed, chat: bool, system, stats: bool, tensor_parallel_size: int, kv_cache_dtype: str,
+        quantization, device, dtype, kernels) -> None:
     """Generate text from SOURCE (default: the demo model), streamed to stdout."""
     from quantrt.parallel.launch import load_model
 
@@ -139,8 +149,8 @@ def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: fl
             ids = tok.encode(prompt)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed)
-        engine = LLMEngine(lm, EngineConfig(tensor_parallel_size=tensor_parallel_size),
-                           executor)
+        engine = LLMEngine(lm, EngineConfig(tensor_parallel_size=tensor_parallel_size,
+                                            kv_cache_dtype=kv_cache_dtype), executor)
         t1 = time.perf_counter()
         seq = engine.add_request(ids, params)
         first = None
@@ -165,9 +175,6 @@ def run(source: str, prompt: str, max_tokens: int, temperature: float, top_p: fl
                    f"finish: {seq.finish_reason.value}]", err=True)
 
 
-from quantrt.estimate.memory import KV_CACHE_DTYPES  # noqa: E402  (light: no torch)
-
-
 @main.command("estimate")
 @click.argument("source")
 @click.option("--quantization", "-q", "methods", multiple=True,
@@ -184,8 +191,7 @@ from quantrt.estimate.memory import KV_CACHE_DTYPES  # noqa: E402  (light: no to
               help="Context length per sequence (default: the model's).")
 @click.option("--max-num-seqs", type=int, default=256, show_default=True)
 @click.option("--max-num-batched-tokens", type=int, default=2048, show_default=True)
-@click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default="auto",
-              show_default=True)
+@_kv_cache_dtype
 @click.option("--gpu-memory-utilization", type=float, default=0.90, show_default=True)
 @click.option("--enforce-eager", is_flag=True,
               help="No CUDA graphs (their memory is not reserved).")
@@ -229,6 +235,7 @@ def estimate_command(source: str, methods: tuple[str, ...], gpu, gpu_memory, num
 @click.option("--kv-cache-memory", default=None,
               help="KV-cache size, bytes or e.g. 4GiB (default: 1 GiB on CPU; on a GPU, what "
                    "--gpu-memory-utilization leaves).")
+@_kv_cache_dtype
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0,
               show_default=True, help="Seconds in-flight requests get after SIGTERM before "
                                       "they are aborted.")
@@ -238,8 +245,9 @@ def estimate_command(source: str, methods: tuple[str, ...], gpu, gpu_memory, num
               show_default=True, help="Split the model over this many GPUs (processes).")
 def serve_command(source: str, quantization, device, dtype, kernels, host: str, port: int,
                   api_key, served_model_name, max_model_len, max_num_seqs: int,
-                  gpu_memory_utilization, kv_cache_memory, shutdown_timeout: float,
-                  uvicorn_log_level: str, tensor_parallel_size: int) -> None:
+                  gpu_memory_utilization, kv_cache_memory, kv_cache_dtype: str,
+                  shutdown_timeout: float, uvicorn_log_level: str,
+                  tensor_parallel_size: int) -> None:
     """Serve SOURCE over an OpenAI-compatible HTTP API (/v1/completions,
     /v1/chat/completions, /v1/models, /health, /metrics)."""
     if not math.isfinite(shutdown_timeout):
@@ -254,6 +262,7 @@ def serve_command(source: str, quantization, device, dtype, kernels, host: str, 
                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                           kv_cache_memory=kv_cache_memory,
                           gpu_memory_utilization=gpu_memory_utilization,
+                          kv_cache_dtype=kv_cache_dtype,
                           tensor_parallel_size=tensor_parallel_size)
     try:
         serve(engine, served_model_name or source, host=host, port=port, api_key=api_key,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantrt.engine.block_manager import BlockManager, KVUsage
+from quantrt.engine.kv_dtype import check_kv_cache_dtype, kv_cache_torch_dtype
 from quantrt.engine.model_runner import ModelRunner, PendingStep, kv_bytes_per_token
 from quantrt.engine.outputs import TokenLogprob
 from quantrt.engine.scheduler import Scheduler
@@ -39,6 +40,9 @@ class EngineConfig:
     # Launch the next decode step before reading this one's tokens, so the host's step work
     # runs while the device computes.  None: on for CUDA with one process.
     overlap_steps: bool | None = None
+    # "auto" (the model's dtype), "bfloat16", "float16", or FP8 ("fp8" = "fp8_e4m3", "fp8_e5m2"):
+    # half the bytes per token of a 16-bit cache, so twice the tokens (engine/kv_dtype.py)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
@@ -58,6 +62,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "overlap_steps"):
                 raise ConfigError(f"{name} must be True or False")
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
     @classmethod
     def from_options(cls, **options: Any) -> EngineConfig:
@@ -87,7 +92,7 @@ def kv_memory(lm: LoadedModel, config: EngineConfig) -> tuple[int, int]:
     (``memory_profile``), on the CPU 1 GiB.  Under tensor parallelism every rank runs this
     at once (the profiling forwards hold collectives) and the cache is sized so that each
     rank's part fits."""
-    per_token = kv_bytes_per_token(lm, lm.dtype)
+    per_token = kv_bytes_per_token(lm, kv_cache_torch_dtype(config.kv_cache_dtype, lm.dtype))
     budget, util = config.kv_cache_memory, config.gpu_memory_utilization
     if budget is not None:
         return budget, per_token
@@ -136,7 +141,8 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         runner_args = ((num_blocks, config.block_size),
                        dict(max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                            cuda_graphs=config.cuda_graphs))
+                            cuda_graphs=config.cuda_graphs,
+                            kv_dtype=kv_cache_torch_dtype(config.kv_cache_dtype, lm.dtype)))
         if executor is not None:   # the workers build theirs (and capture graphs) in step
             executor.call("init_runner", *runner_args)
         self.runner = ModelRunner(lm, *runner_args[0], **runner_args[1], executor=executor)

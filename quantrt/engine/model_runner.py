@@ -90,11 +90,13 @@ def _tokens(seq: Sequence, start: int, n: int) -> list[int]:
 
 class ModelRunner:
     """``executor``: under tensor parallelism (rank 0 only), every step's inputs are
-    broadcast to the other ranks before this rank runs its part."""
+    broadcast to the other ranks before this rank runs its part.  ``kv_dtype``: the KV
+    caches' element type (default: the model's dtype; FP8 see ``engine/kv_dtype.py``)."""
 
     def __init__(self, lm: LoadedModel, num_blocks: int, block_size: int, *,
                  max_num_seqs: int = 64, max_model_len: int | None = None,
-                 cuda_graphs: bool = True, executor: Any = None) -> None:
+                 cuda_graphs: bool = True, kv_dtype: torch.dtype | None = None,
+                 executor: Any = None) -> None:
         self.lm = lm
         self.model = lm.model
         self.device = lm.device
@@ -105,8 +107,9 @@ class ModelRunner:
         # One extra block that the block manager never hands out: padded rows of a graph
         # batch write their K/V there.
         shape = (num_blocks + int(use_graphs), block_size, kv_heads(self.model), cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=lm.dtype, device=self.device),
-                           torch.zeros(shape, dtype=lm.dtype, device=self.device))
+        self.kv_dtype = kv_dtype or lm.dtype
+        self.kv_caches = [(torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.kv_dtype, device=self.device))
                           for _ in range(cfg.num_layers)]
         self.sampler = Sampler()
         self.graphs = None

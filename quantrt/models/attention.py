@@ -39,14 +39,26 @@ class AttentionMetadata:
         return max(self.query_lens_host) if self.query_lens_host else 0
 
 
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` cast to a KV cache's dtype.  FP8 (per-tensor scale 1.0) clamps to the format's
+    finite range first: torch's cast of a larger value is not a saturation everywhere
+    (e5m2 gives inf, e4m3fn NaN on some builds), and one inf or NaN key would poison every
+    later query's softmax."""
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        big = torch.finfo(dtype).max
+        x = x.clamp(-big, big)
+    return x.to(dtype)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's K/V ([T, kv_heads, head_dim]) into their cache slots."""
+    """Scatter this step's K/V ([T, kv_heads, head_dim]) into their cache slots (cast to the
+    cache's dtype, see ``to_cache_dtype``)."""
     if k_cache.dtype == k.dtype and cpu_layers.fits(k):
         return cpu_layers.write_kv(k_cache, v_cache, k, v, slot_mapping)
     nb, bs, h, d = k_cache.shape
     if k.dtype != k_cache.dtype:
-        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        k, v = to_cache_dtype(k, k_cache.dtype), to_cache_dtype(v, v_cache.dtype)
     k_cache.view(nb * bs, h, d)[slot_mapping] = k
     v_cache.view(nb * bs, h, d)[slot_mapping] = v
 
@@ -106,7 +118,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
             continue
         k = k_flat.index_select(0, slots)
         v = v_flat.index_select(0, slots)
-        if k.dtype != q.dtype:
+        if k.dtype != q.dtype:   # an FP8 (or other dtype) cache: upcast what was gathered
             k, v = k.to(q.dtype), v.to(q.dtype)
         if qlen == 1 and mask is None:
             # Decode: grouped query heads against their shared KV head as two small batched

@@ -38,7 +38,7 @@ def parse_size(text: str) -> int:
 def build_engine(source: str, quantization: str | None, device: str | None, dtype: str,
                  kernels: str, *, max_model_len: int | None, max_num_seqs: int,
                  kv_cache_memory: str | None, gpu_memory_utilization: float | None,
-                 tensor_parallel_size: int = 1) -> Any:
+                 kv_cache_dtype: str = "auto", tensor_parallel_size: int = 1) -> Any:
     from quantrt.engine.async_engine import AsyncLLMEngine
     from quantrt.engine.llm_engine import EngineConfig, LLMEngine
     from quantrt.parallel.launch import load_model
@@ -47,7 +47,8 @@ def build_engine(source: str, quantization: str | None, device: str | None, dtyp
         raise ConfigError("give --kv-cache-memory or --gpu-memory-utilization, not both")
     options: dict[str, Any] = {"max_num_seqs": max_num_seqs, "max_model_len": max_model_len,
                                "tensor_parallel_size": tensor_parallel_size,
-                               "gpu_memory_utilization": gpu_memory_utilization}
+                               "gpu_memory_utilization": gpu_memory_utilization,
+                               "kv_cache_dtype": kv_cache_dtype}
     if kv_cache_memory is not None:
         options["kv_cache_memory"] = parse_size(kv_cache_memory)
     config = EngineConfig.from_options(**options)          # bad values fail before the load
