@@ -173,7 +173,8 @@ def test_kernels_refuse_other_cache_dtypes():
     check_cache_dtype(q, torch.zeros(1, dtype=torch.float8_e5m2),
                       torch.zeros(1, dtype=torch.float8_e5m2))
     with pytest.raises(ValueError, match="must be of q's dtype or one FP8 dtype"):
-        check_cache_dtype(q, torch.zeros(1, dtype=torch.float16), torch.zeros(1, dtype=torch.float16))
+        half = torch.zeros(1, dtype=torch.float16)
+        check_cache_dtype(q, half, half)
     with pytest.raises(ValueError, match="must be of q's dtype or one FP8 dtype"):
         check_cache_dtype(q, torch.zeros(1, dtype=torch.float8_e4m3fn),
                           torch.zeros(1, dtype=torch.float8_e5m2))
