@@ -35,16 +35,16 @@ from quant_kernels.triton_wq_tile import split_locks
 TOKENS_PER_TILE = 64
 
 FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, *FP8_CACHE_DTYPES)
 
 
 def check_cache_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """The attention kernels read caches of q's dtype, or FP8 ones (scale 1.0) that they
-    upcast to q's dtype tile by tile."""
-    if k_cache.dtype != v_cache.dtype or (k_cache.dtype != q.dtype
-                                          and k_cache.dtype not in FP8_CACHE_DTYPES):
-        raise ValueError(f"KV caches of {k_cache.dtype}/{v_cache.dtype} do not fit q of "
-                         f"{q.dtype}: they must be of q's dtype or one FP8 dtype "
-                         "(float8_e4m3fn, float8_e5m2)")
+    """The attention kernels upcast (or round) each K/V tile they load to q's dtype, so a
+    cache may be FP8 (scale 1.0) or a float dtype other than q's (``kv_cache_dtype``)."""
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"KV caches of {k_cache.dtype}/{v_cache.dtype} cannot be read: both "
+                         "must be one of float32, float16, bfloat16, float8_e4m3fn, "
+                         "float8_e5m2")
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _decode_kernel(
                     + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs
                     + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        # an FP8 cache (scale 1.0): upcast in registers; a no-op for a cache of q's dtype
+        # an FP8 (scale 1.0) or other-dtype cache: cast in registers; a no-op for q's dtype
         k = k.to(q.dtype)
         v = v.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [ROWS, BLOCK_N]

@@ -17,6 +17,7 @@ from tests.tiny_models import make_tiny_model
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+OTHER = FP8 + [torch.float16]   # any cache dtype other than q's is cast tile by tile
 
 
 # -- names and config -------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def _triton_check(case, cache_dtype, q_dtype, device, tol):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="Triton on the CPU needs TRITON_INTERPRET=1")
-@pytest.mark.parametrize("dtype", FP8, ids=str)
+@pytest.mark.parametrize("dtype", OTHER, ids=str)
 @pytest.mark.parametrize("case", READ_CASES.values(), ids=READ_CASES.keys())
 def test_triton_interpreted(case, dtype):
     _triton_check(case, dtype, torch.float32, "cpu", 1e-4)
@@ -159,7 +160,7 @@ def test_triton_interpreted(case, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("dtype", FP8, ids=str)
+@pytest.mark.parametrize("dtype", OTHER, ids=str)
 @pytest.mark.parametrize("case", READ_CASES.values(), ids=READ_CASES.keys())
 def test_triton_gpu(case, dtype, q_dtype):
     # q rounded to 16 bits and 16-bit dots; outputs ~N(0, 3^2)
@@ -170,12 +171,11 @@ def test_kernels_refuse_other_cache_dtypes():
     from quant_kernels.paged_attention import check_cache_dtype
 
     q = torch.zeros(1, 2, 16)
-    check_cache_dtype(q, torch.zeros(1, dtype=torch.float8_e5m2),
-                      torch.zeros(1, dtype=torch.float8_e5m2))
-    with pytest.raises(ValueError, match="must be of q's dtype or one FP8 dtype"):
-        half = torch.zeros(1, dtype=torch.float16)
-        check_cache_dtype(q, half, half)
-    with pytest.raises(ValueError, match="must be of q's dtype or one FP8 dtype"):
+    for dt in (torch.float8_e5m2, torch.bfloat16):
+        check_cache_dtype(q, torch.zeros(1, dtype=dt), torch.zeros(1, dtype=dt))
+    with pytest.raises(ValueError, match="must be one of float32, float16"):
+        check_cache_dtype(q, torch.zeros(1, dtype=torch.int8), torch.zeros(1, dtype=torch.int8))
+    with pytest.raises(ValueError, match="must be one of float32, float16"):
         check_cache_dtype(q, torch.zeros(1, dtype=torch.float8_e4m3fn),
                           torch.zeros(1, dtype=torch.float8_e5m2))
 
