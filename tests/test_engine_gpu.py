@@ -67,14 +67,13 @@ def test_utilization_budget_bounds_real_steps(tmp_path):
     import torch
 
     from quantrt import LLM, SamplingParams
-    from quantrt.engine.llm_engine import EngineConfig
     from quantrt.engine.memory_profile import profile
     from quantrt.loader import load
 
     source = make_tiny_model(tmp_path / "m", seed=4)
     lm = load(str(source), device="cuda", dtype="float32")
-    prof = profile(lm, EngineConfig(max_num_seqs=8, max_num_batched_tokens=512, block_size=4),
-                   max_len=128)
+    prof = profile(lm, max_num_seqs=8, max_num_batched_tokens=512, block_size=4,
+                   cuda_graphs=True, max_len=128)
     assert prof.prefill_peak > prof.decode_peak > 0
     assert 0 < prof.in_use < prof.total
     del lm

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from quantrt.engine.memory_profile import (SLACK_BYTES, MemoryProfile, mixed_step,
-                                           profile_inputs, split_lengths)
+from quantrt.engine.memory_profile import (SLACK_BYTES, MemoryProfile, profile_inputs,
+                                           split_lengths)
 from quantrt.errors import ConfigError
 
 GIB = 1 << 30
@@ -22,41 +22,21 @@ def test_split_lengths_is_a_step_the_scheduler_can_build(tokens, seqs, max_len):
     assert max(lens) - min(lens) <= 1 and min(lens) >= 1 and max(lens) <= max_len
 
 
-@pytest.mark.parametrize("tokens,seqs,max_len,block_size", [
-    (1, 1, 8, 4), (17, 4, 100, 4), (23, 23, 40, 16), (8192, 256, 4096, 16), (512, 8, 128, 4),
-    (2048, 4, 256, 16), (64, 8, 4, 4)])
-def test_mixed_step_holds_every_kind_of_row(tokens, seqs, max_len, block_size):
-    pairs = mixed_step(tokens, seqs, max_len, block_size)
-    assert len(pairs) == min(seqs, tokens)
-    assert sum(n for _, n in pairs) <= tokens
-    assert all(n >= 1 and c + n <= max_len for c, n in pairs)
-    if max_len > block_size:
-        quarter = min(seqs, tokens) // 4
-        assert pairs[:quarter] == [(block_size, 1)] * quarter          # decode rows
-        assert pairs[quarter][0] == block_size                         # a continued chunk
-        assert all(c == 0 for c, _ in pairs[quarter + 1:])             # fresh prompts
-    else:
-        assert all(c == 0 for c, _ in pairs)
-
-
-@pytest.mark.parametrize("pairs,block_size", [([(0, 1)], 16), ([(0, 17), (4, 1), (8, 23)], 4),
-                                              ([(16, 5)] * 7, 16), ([(3, 2)], 4)])
-def test_profile_inputs_place_new_tokens_after_the_cached_ones(pairs, block_size):
-    inp, blocks = profile_inputs(pairs, block_size, vocab=97)
-    assert blocks == sum(-(-(c + n) // block_size) for c, n in pairs)
-    total = sum(n for _, n in pairs)
-    assert len(inp.ids) == len(inp.pos) == len(inp.slots) == total
+@pytest.mark.parametrize("lengths,block_size", [([1], 16), ([17, 1, 23], 4), ([5] * 7, 16)])
+def test_profile_inputs_are_fresh_prompts_in_their_own_blocks(lengths, block_size):
+    inp, blocks = profile_inputs(lengths, block_size, vocab=97)
+    assert blocks == sum(-(-n // block_size) for n in lengths)
+    assert len(inp.ids) == len(inp.pos) == len(inp.slots) == sum(lengths)
     assert all(0 <= t < 97 for t in inp.ids)
-    assert inp.ctx == [c + n for c, n in pairs] and inp.qlens == [n for _, n in pairs]
-    assert inp.decode_only == all(n == 1 for _, n in pairs)
+    assert inp.ctx == inp.qlens == lengths
+    assert inp.decode_only == all(n == 1 for n in lengths)
     start = 0
-    for (cached, n), table, row in zip(pairs, inp.tables, inp.rows):
+    for n, table, row in zip(lengths, inp.tables, inp.rows):
         assert row == start + n - 1
-        assert inp.pos[start:start + n] == list(range(cached, cached + n))
-        # each new token's slot is its position's, in its own sequence's blocks
+        assert inp.pos[start:start + n] == list(range(n))
+        # each token's slot is in its own sequence's blocks, in order
         slots = inp.slots[start:start + n]
-        assert slots == [table[p // block_size] * block_size + p % block_size
-                         for p in range(cached, cached + n)]
+        assert slots == [table[p // block_size] * block_size + p % block_size for p in range(n)]
         start += n
     assert len(set(inp.slots)) == len(inp.slots)
 

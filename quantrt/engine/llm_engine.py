@@ -92,8 +92,7 @@ def kv_memory(lm: LoadedModel, config: EngineConfig) -> tuple[int, int]:
     (``memory_profile``), on the CPU 1 GiB.  Under tensor parallelism every rank runs this
     at once (the profiling forwards hold collectives) and the cache is sized so that each
     rank's part fits."""
-    kv_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, lm.dtype)
-    per_token = kv_bytes_per_token(lm, kv_dtype)
+    per_token = kv_bytes_per_token(lm, kv_cache_torch_dtype(config.kv_cache_dtype, lm.dtype))
     budget, util = config.kv_cache_memory, config.gpu_memory_utilization
     if budget is not None:
         return budget, per_token
@@ -106,9 +105,9 @@ def kv_memory(lm: LoadedModel, config: EngineConfig) -> tuple[int, int]:
 
     max_len = min(config.max_model_len or lm.config.max_position_embeddings,
                   lm.config.max_position_embeddings)
-    budget = utilization_budget(lm, config,
-                                DEFAULT_GPU_MEMORY_UTILIZATION if util is None else util,
-                                max_len, kv_dtype)
+    budget = utilization_budget(lm, DEFAULT_GPU_MEMORY_UTILIZATION if util is None else util,
+                                config.max_num_seqs, config.max_num_batched_tokens,
+                                config.block_size, config.cuda_graphs, max_len)
     # no more than every sequence at full length can use (a small model on a large GPU
     # would otherwise get millions of blocks, and a block table as long)
     blocks = config.max_num_seqs * -(-max_len // config.block_size)

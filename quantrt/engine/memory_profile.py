@@ -3,8 +3,8 @@
 As vLLM means it: ``utilization x total`` GPU memory must hold everything this process
 keeps (weights, CUDA context, what other processes use counts against it too), the peak
 activations of the largest step the scheduler may build (``max_num_batched_tokens``
-tokens over up to ``max_num_seqs`` sequences: decode rows, a continued chunk and fresh
-prompts, with their logits and the sampler's sorted copies), the CUDA graphs' private pool (one decode step of
+prefill tokens over up to ``max_num_seqs`` sequences, with their logits and the
+sampler's sorted copies), the CUDA graphs' private pool (one decode step of
 ``max_num_seqs`` rows: the graphs share it, largest first) and a slack; the KV cache gets
 the rest.  The peaks are measured, not modelled: a fused kernel's dense-weight transient
 (dequantize + cuBLAS from ``triton_wq.DENSE_FROM_M`` rows on) is in them because the
@@ -53,52 +53,35 @@ def split_lengths(tokens: int, seqs: int, max_len: int) -> list[int]:
     return [base + (i < extra) for i in range(seqs)]
 
 
-def mixed_step(tokens: int, seqs: int, max_len: int, block_size: int) -> list[tuple[int, int]]:
-    """(cached, new) tokens per sequence of the largest step the scheduler may build, in
-    the mix it builds: a quarter decode rows (one token after a cached block), one prompt
-    continuing a cached block (a later chunk of a chunked prefill) and fresh prompts.
-    Every attention variant runs (and is compiled) here, not in the first real steps."""
-    seqs = max(1, min(seqs, tokens))
-    cached = block_size if max_len > block_size else 0
-    decode = seqs // 4 if cached else 0
-    prompts = split_lengths(tokens - decode, seqs - decode, max_len - cached)
-    return [(cached, 1)] * decode + [(cached if i == 0 else 0, n) for i, n in enumerate(prompts)]
-
-
-def profile_inputs(pairs: list[tuple[int, int]], block_size: int, vocab: int):
-    """StepInputs of sequences with ``cached`` tokens in the cache and ``new`` to compute,
-    each in its own blocks; and the number of blocks they use."""
+def profile_inputs(lengths: list[int], block_size: int, vocab: int):
+    """StepInputs of fresh prompts of ``lengths`` tokens, each in its own blocks."""
     from quantrt.engine.model_runner import StepInputs
 
-    ids, pos, slots, tables, ctx, qlens, rows = [], [], [], [], [], [], []
+    ids, pos, slots, tables, rows = [], [], [], [], []
     block = 0
-    for cached, n in pairs:
-        count = -(-(cached + n) // block_size)
+    for n in lengths:
+        count = -(-n // block_size)
         tables.append(list(range(block, block + count)))
-        slots += range(block * block_size + cached, block * block_size + cached + n)
+        slots += range(block * block_size, block * block_size + n)
         ids += [(7919 * (len(ids) + i)) % vocab for i in range(n)]   # any ids: shapes matter
-        pos += range(cached, cached + n)
-        ctx.append(cached + n)
-        qlens.append(n)
+        pos += range(n)
         rows.append(len(ids) - 1)
         block += count
     width = max(len(t) for t in tables)
     tables = [t + [0] * (width - len(t)) for t in tables]
-    return StepInputs(ids, pos, slots, tables, ctx, qlens, rows,
-                      all(n == 1 for n in qlens)), block
+    return StepInputs(ids, pos, slots, tables, list(lengths), list(lengths), rows,
+                      all(n == 1 for n in lengths)), block
 
 
-def step_peak(lm, pairs: list[tuple[int, int]], block_size: int,
-              kv_dtype: torch.dtype | None = None) -> int:
-    """Peak bytes allocated by one eager step over sequences of (cached, new) tokens
-    (logits of each last token, then the sampler's softmax and sort), above what was
-    allocated before it; its own scratch KV cache is not counted."""
+def step_peak(lm, lengths: list[int], block_size: int) -> int:
+    """Peak bytes allocated by one eager step over fresh prompts of ``lengths`` (logits of
+    each last token, then the sampler's softmax and sort), above what was allocated
+    before it; its own scratch KV cache is not counted."""
     from quantrt.engine.model_runner import ModelRunner
 
     dev = lm.device
-    inp, blocks = profile_inputs(pairs, block_size, lm.config.vocab_size)
-    runner = ModelRunner(lm, blocks, block_size, max_num_seqs=len(pairs), cuda_graphs=False,
-                         kv_dtype=kv_dtype)
+    inp, blocks = profile_inputs(lengths, block_size, lm.config.vocab_size)
+    runner = ModelRunner(lm, blocks, block_size, max_num_seqs=len(lengths), cuda_graphs=False)
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     base = torch.cuda.memory_allocated(dev)
@@ -113,18 +96,16 @@ def step_peak(lm, pairs: list[tuple[int, int]], block_size: int,
     return peak
 
 
-def profile(lm, config, max_len: int, kv_dtype: torch.dtype | None = None) -> MemoryProfile:
-    """Run the profiling steps of an engine ``config`` (EngineConfig) on ``lm``'s GPU (every
-    tensor-parallel rank at once: the forwards hold collectives) and measure."""
+def profile(lm, max_num_seqs: int, max_num_batched_tokens: int, block_size: int,
+            cuda_graphs: bool, max_len: int) -> MemoryProfile:
+    """Run the profiling steps on ``lm``'s GPU (every tensor-parallel rank at once: the
+    forwards hold collectives) and measure."""
     dev = lm.device
-    bs = config.block_size
     torch.cuda.synchronize(dev)
     gc.collect()   # an engine dropped just before (reference cycles) must not count
     torch.cuda.empty_cache()
-    prefill = step_peak(lm, mixed_step(config.max_num_batched_tokens, config.max_num_seqs,
-                                       max_len, bs), bs, kv_dtype)
-    decode = step_peak(lm, [(0, 1)] * config.max_num_seqs, bs, kv_dtype) \
-        if config.cuda_graphs else 0
+    prefill = step_peak(lm, split_lengths(max_num_batched_tokens, max_num_seqs, max_len), block_size)
+    decode = step_peak(lm, [1] * max_num_seqs, block_size) if cuda_graphs else 0
     free, total = torch.cuda.mem_get_info(dev)
     # memory our allocator holds but does not use is free for the KV cache
     idle = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
@@ -132,10 +113,10 @@ def profile(lm, config, max_len: int, kv_dtype: torch.dtype | None = None) -> Me
                          decode_peak=decode)
 
 
-def utilization_budget(lm, config, utilization: float, max_len: int,
-                       kv_dtype: torch.dtype | None = None) -> int:
+def utilization_budget(lm, utilization: float, max_num_seqs: int, max_num_batched_tokens: int,
+                       block_size: int, cuda_graphs: bool, max_len: int) -> int:
     """KV-cache bytes for ``utilization`` of ``lm``'s GPU; a clear error when none is left."""
-    prof = profile(lm, config, max_len, kv_dtype)
+    prof = profile(lm, max_num_seqs, max_num_batched_tokens, block_size, cuda_graphs, max_len)
     budget = prof.kv_budget(utilization)
     if budget <= 0:
         raise ConfigError(f"gpu_memory_utilization {utilization} leaves no room for the KV "
