@@ -75,7 +75,8 @@ def step_stats(engine) -> dict:
     return stats
 
 
-def bench_ours(path: Path, args, reqs, max_num_seqs: int, max_batched_tokens: int) -> dict:
+def bench_ours(path: Path, args, reqs, max_num_seqs: int, max_batched_tokens: int,
+               kv_cache_dtype: str = "auto") -> dict:
     from quantrt import LLM, SamplingParams
 
     torch.cuda.reset_peak_memory_stats()
@@ -83,7 +84,7 @@ def bench_ours(path: Path, args, reqs, max_num_seqs: int, max_batched_tokens: in
     llm = LLM(str(path), device="cuda", max_num_seqs=max_num_seqs,
               max_num_batched_tokens=max_batched_tokens, enable_prefix_caching=False,
               cuda_graphs=not args.eager, overlap_steps=not args.no_overlap,
-              gpu_memory_utilization=args.gpu_memory_utilization)
+              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype)
     load_s = time.perf_counter() - t0
     kv_tokens = llm.engine.blocks.num_blocks * llm.engine.blocks.block_size
     prompt = list(range(300, 332))
@@ -106,6 +107,7 @@ def bench_ours(path: Path, args, reqs, max_num_seqs: int, max_batched_tokens: in
     llm.engine.step = stats.pop("_restore")
     gen = sum(len(o.outputs[0].token_ids) for o in outs)
     res = dict(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+               kv_cache_dtype=kv_cache_dtype,
                kv_tokens=kv_tokens, preemptions=llm.engine.scheduler.num_preemptions,
                load_s=round(load_s, 1), single_tok_s=round(single, 1),
                single_plain_tok_s=round(single_plain, 1),
@@ -177,6 +179,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", default="512",
                     help="comma list: one run of ours per (seqs, tokens) pair")
     ap.add_argument("--max-batched-tokens", default="8192", help="comma list")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="comma list (auto, fp8, ...)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="default: the engine's (0.9)")
     ap.add_argument("--hf-requests", type=int, default=64)
@@ -201,23 +204,24 @@ def main() -> None:
         for fmt in args.formats.split(","):
             for seqs in (int(v) for v in args.max_num_seqs.split(",")):
                 for tokens in (int(v) for v in args.max_batched_tokens.split(",")):
-                    ours = bench_ours(checkpoint(args.work, shape, fmt), args, reqs, seqs,
-                                      tokens)
-                    print(shape, fmt, "ours", ours, flush=True)
-                    rows.append(dict(shape=shape, format=fmt, ours=ours, hf_bf16=hf))
+                    for kv in args.kv_cache_dtype.split(","):
+                        ours = bench_ours(checkpoint(args.work, shape, fmt), args, reqs, seqs,
+                                          tokens, kv)
+                        print(shape, fmt, "ours", ours, flush=True)
+                        rows.append(dict(shape=shape, format=fmt, ours=ours, hf_bf16=hf))
     result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                   triton=triton.__version__, transformers=transformers.__version__,
                   args={k: str(v) for k, v in vars(args).items()}, rows=rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_gpu.json").write_text(json.dumps(result, indent=1))
-    print("\n| model | format | seqs / batched tokens | KV tokens | single tok/s (HF bf16) | x "
+    print("\n| model | format | seqs / batched tokens | KV dtype, tokens | single tok/s (HF bf16) | x "
           "| offline tok/s (HF bf16) | x | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, h = r["ours"], r["hf_bf16"] or {}
         hs, ho = h.get("single_tok_s"), h.get("offline_tok_s")
         print(f"| {r['shape']} | {r['format']} | {o['max_num_seqs']} / {o['max_batched_tokens']} "
-              f"| {o['kv_tokens']} | {o['single_tok_s']} ({hs}) | "
+              f"| {o['kv_cache_dtype']}, {o['kv_tokens']} | {o['single_tok_s']} ({hs}) | "
               f"{o['single_tok_s'] / hs if hs else float('nan'):.1f}x | {o['offline_tok_s']} "
               f"({ho}) | {o['offline_tok_s'] / ho if ho else float('nan'):.1f}x | {o['peak_gib']} |")
 
