@@ -194,9 +194,11 @@ def test_cli_convert_and_errors(src, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "awq",
                                   "--bits", "3"])
     assert r.exit_code == 2 and "Traceback" not in r.output and "3-bit awq" in r.output
-    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "gptq",
-                                  "--awq-clip-qk"])
-    assert r.exit_code == 2 and "only apply to the AWQ algorithm" in r.output
+    for flags in (["--awq-clip-qk"], ["--awq-scales", "--no-awq-clip-qk"]):
+        r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "gptq",
+                                      *flags])
+        assert r.exit_code == 2 and "to the AWQ algorithm" in r.output, r.output
+        assert "Traceback" not in r.output
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "ct-w8a16",
                                   "--quiet"])
     assert r.exit_code == 0, r.output
@@ -205,6 +207,30 @@ def test_cli_convert_and_errors(src, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "fp8"])
     assert r.exit_code == 2 and "already exists" in r.output
     assert isinstance(QuantrtError("x"), Exception)
+
+
+@pytest.mark.parametrize("flags,scales,clip_qk", [
+    ([], False, True),                                  # the default: clip search only
+    (["--awq-scales", "--no-awq-clip-qk"], True, False),  # the published recipe
+    (["--awq-scales"], True, True),
+])
+def test_cli_awq_switches_reach_the_request(src, tmp_path, monkeypatch, flags, scales, clip_qk):
+    from click.testing import CliRunner
+
+    import quantrt.convert
+    from quantrt.cli import main
+
+    seen = []
+    monkeypatch.setattr(quantrt.convert, "convert",
+                        lambda source, out, req, progress=None: seen.append(req) or str(out))
+    for to in (["--to", "awq"], ["--to", "gptq", "--algo", "awq", "--asym"]):
+        r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), *to, *flags])
+        assert r.exit_code == 0, r.output
+        assert (seen[-1].algo, seen[-1].awq_scales, seen[-1].awq_clip_qk) == \
+            ("awq", scales, clip_qk)
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "o"), "--to", "gptq"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1].algo == "gptq"
 
 
 def test_sharded_output_loads(src, ref_logits, tmp_path):

@@ -257,8 +257,64 @@ def test_awq_switches_clip_only_and_clip_qk():
     assert not clip_only["self_attn.q_proj.weight"] and not clip_only["self_attn.k_proj.weight"]
     assert clip_only["self_attn.v_proj.weight"] and clip_only["mlp.down_proj.weight"]
     assert clip_qk["self_attn.q_proj.weight"] and clip_qk["self_attn.k_proj.weight"]
-    with pytest.raises(ConfigError, match="AWQ algorithm"):
-        ConvertRequest("gptq", awq_clip_qk=True)
-    with pytest.raises(ConfigError, match="AWQ algorithm"):
-        ConvertRequest("gptq", algo="rtn", awq_scales=False)
-    assert not ConvertRequest("awq", awq_scales=False, awq_clip_qk=True).awq_scales
+
+
+@pytest.mark.parametrize("method,kw", [("awq", {}), ("gptq", dict(algo="awq", bits=3, sym=False)),
+                                       ("ct-w4a16", dict(algo="awq", sym=False))])
+def test_awq_defaults_are_clip_only_with_qk_clipped(method, kw):
+    """The recipe that measured best on the demo model (BENCHMARKS.md, "Convert: quality")
+    is what an AWQ run gets unless it asks for the published one."""
+    req = ConvertRequest(method, **kw)
+    assert req.algo == "awq" and req.awq_scales is False and req.awq_clip_qk is True
+    req = ConvertRequest(method, awq_scales=True, awq_clip_qk=False, **kw)
+    assert req.awq_scales is True and req.awq_clip_qk is False
+
+
+@pytest.mark.parametrize("method,algo", [("gptq", None), ("gptq", "rtn"), ("awq", "rtn"),
+                                         ("ct-w4a16", None), ("fp8", None)])
+def test_awq_switches_left_unset_do_not_bother_other_algorithms(method, algo):
+    req = ConvertRequest(method, algo=algo)
+    assert req.algo != "awq"
+
+
+@pytest.mark.parametrize("kw,flags", [
+    (dict(awq_scales=True), "--awq-scales only applies"),
+    (dict(awq_scales=False), "--no-awq-scales only applies"),
+    (dict(awq_clip_qk=False), "--no-awq-clip-qk only applies"),
+    (dict(awq_clip_qk=True), "--awq-clip-qk only applies"),
+    (dict(awq_scales=True, awq_clip_qk=False), "--awq-scales and --no-awq-clip-qk only apply"),
+])
+@pytest.mark.parametrize("method,algo", [("gptq", None), ("awq", "rtn"), ("ct-w8a16", "gptq")])
+def test_awq_switches_given_to_another_algorithm_are_refused(method, algo, kw, flags):
+    with pytest.raises(ConfigError, match=flags + " to the AWQ algorithm") as e:
+        ConvertRequest(method, algo=algo, **kw)
+    assert "--algo awq" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_published_awq_recipe_still_runs_and_differs(src, tmp_path):
+    """Default (clip only, q/k clipped): the norms are the source's and q/k are clipped.
+    Published (--awq-scales --no-awq-clip-qk): scales are folded into the norms, and q/k
+    are only rounded.  Both load and stay close to the source model."""
+    from safetensors.torch import load_file
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    base = {k: v.float() for k, v in load_file(str(src / "model.safetensors")).items()}
+    ids = list(range(5, 40))
+    ref = prompt_logits(load(str(src), device="cpu", progress=False), ids)
+    got, logits = {}, {}
+    for name, kw in [("default", {}), ("published", dict(awq_scales=True, awq_clip_qk=False))]:
+        out = tmp_path / name
+        convert(str(src), out, ConvertRequest("awq", group_size=32, calib=str(calib),
+                                              calib_samples=4, calib_seqlen=32, **kw),
+                progress=False)
+        got[name] = load_file(str(out / "model.safetensors"))
+        logits[name] = prompt_logits(load(str(out), device="cpu", progress=False), ids)
+        assert (logits[name] - ref).abs().max() / ref.abs().max() < 0.3
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(got["default"][norm].float(), base[norm].half().float())
+    assert not torch.equal(got["published"][norm].float(), base[norm].half().float())
+    for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj"):
+        key = f"model.layers.0.{proj}.qweight"
+        assert not torch.equal(got["default"][key], got["published"][key]), key
+    assert not torch.equal(logits["default"], logits["published"])

@@ -16,10 +16,12 @@ shapes allow, gate/up after the post-attention norm, down after up):
   errors are amplified by the attention softmax, as the AWQ authors found).
 
 Two switches exist because on the demo model (SmolLM2-135M, already Q4_1) the published
-recipe loses to plain asymmetric RTN (BENCHMARKS.md, "Convert: quality"): every linear's
-output error falls with the searched scales, yet perplexity rises, and clipping q/k too
-is what helps most.  ``scales=False`` keeps only the clip search (s = 1, nothing folded
-into the norms); ``clip_qk=True`` clips q/k like the other linears.
+recipe recovers far less of asymmetric RTN's perplexity increase than the clip search alone
+(BENCHMARKS.md, "Convert: quality"): every linear's output error falls with the searched
+scales, yet perplexity rises, and clipping q/k too is what helps most.  ``scales=False``
+keeps only the clip search (s = 1, nothing folded into the norms); ``clip_qk=True`` clips
+q/k like the other linears.  ``quantrt convert --to awq`` runs scales=False, clip_qk=True
+(request.AWQ_DEFAULTS); this function's own defaults are the published recipe.
 """
 from __future__ import annotations
 

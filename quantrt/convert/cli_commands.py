@@ -32,11 +32,14 @@ def register(main: click.Group) -> None:
 @click.option("--damp", type=float, default=0.01, show_default=True,
               help="GPTQ dampening (fraction of the mean Hessian diagonal).")
 @click.option("--no-true-sequential", is_flag=True, help="GPTQ: one pass per layer.")
-@click.option("--awq-scales/--no-awq-scales", default=True, show_default=True,
-              help="AWQ: search per-channel scales; --no-awq-scales keeps only the clip "
-                   "search (better on the demo model, see BENCHMARKS.md).")
-@click.option("--awq-clip-qk", is_flag=True, help="AWQ: clip q_proj/k_proj too (AutoAWQ "
-                                                  "does not).")
+@click.option("--awq-scales/--no-awq-scales", default=None,
+              help="AWQ: also search per-channel scales, as published (off by default: on "
+                   "the demo model scales + clip recovered 28% of asymmetric RTN's 4-bit "
+                   "perplexity increase, clip search alone 58%; BENCHMARKS.md, \"Convert: "
+                   "quality\").")
+@click.option("--awq-clip-qk/--no-awq-clip-qk", default=None,
+              help="AWQ: clip q_proj/k_proj too (on by default; AutoAWQ leaves them "
+                   "unclipped).  --awq-scales --no-awq-clip-qk is the published recipe.")
 @click.option("--fp8-scheme", type=click.Choice(FP8_SCHEMES), default="tensor",
               show_default=True, help="--to fp8: tensor, channel or block (128x128) scales.")
 @click.option("--gguf-type", default="Q4_0", show_default=True,
@@ -48,8 +51,8 @@ def register(main: click.Group) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def convert_command(source: str, out: str, method: str, bits, group_size: int, sym,
                     act_order: bool, algo, calib, calib_samples: int, calib_seqlen: int,
-                    damp: float, no_true_sequential: bool, awq_scales: bool,
-                    awq_clip_qk: bool, fp8_scheme: str, gguf_type: str,
+                    damp: float, no_true_sequential: bool, awq_scales: bool | None,
+                    awq_clip_qk: bool | None, fp8_scheme: str, gguf_type: str,
                     double_quant: bool, dtype: str, quiet: bool) -> None:
     """Quantize or transcode SOURCE (HF directory, .gguf, 'demo') into OUT.
 

@@ -31,6 +31,11 @@ METHODS: dict[str, tuple[str, int | None, tuple[int, ...]]] = {
 ALGOS = ("rtn", "gptq", "awq")
 INT_KINDS = ("gptq", "awq", "ct-int")  # methods whose weights are grouped integers
 FP8_SCHEMES = ("tensor", "channel", "block")
+# The AWQ recipe `--to awq` runs: clip search only, q/k clipped too.  On the demo model it
+# recovers 58% of asymmetric RTN's 4-bit perplexity increase, the published recipe (scale
+# search + clip, q/k unclipped: awq_scales=True, awq_clip_qk=False) 28% (BENCHMARKS.md,
+# "Convert: quality").
+AWQ_DEFAULTS = {"awq_scales": False, "awq_clip_qk": True}
 # GGML types gguf-py 0.19 can quantize itself (gguf.quants.quantize).
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
 GGUF_K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K")
@@ -49,8 +54,8 @@ class ConvertRequest:
     calib_seqlen: int = 512
     damp: float = 0.01                # GPTQ dampening, fraction of mean(diag(H))
     true_sequential: bool = True
-    awq_scales: bool = True           # AWQ: search per-channel scales (False: clip only)
-    awq_clip_qk: bool = False         # AWQ: clip q/k too (AutoAWQ leaves them unclipped)
+    awq_scales: bool | None = None    # AWQ: search per-channel scales; None: AWQ_DEFAULTS
+    awq_clip_qk: bool | None = None   # AWQ: clip q/k too; None: AWQ_DEFAULTS
     fp8_scheme: str = "tensor"
     fp8_block: tuple[int, int] = (128, 128)
     gguf_type: str = "Q4_0"
@@ -104,9 +109,7 @@ class ConvertRequest:
                               hint="add --algo gptq or drop --act-order")
         if self.act_order and self.method == "awq":
             raise UnsupportedError("AWQ checkpoints have no g_idx, so no act-order")
-        if (not self.awq_scales or self.awq_clip_qk) and self.algo != "awq":
-            raise ConfigError("--no-awq-scales / --awq-clip-qk only apply to the AWQ "
-                              "algorithm", hint="add --algo awq (or --to awq)")
+        self._resolve_awq_switches()
         if not 0 < self.damp < 1:
             raise ConfigError(f"--damp {self.damp}", hint="a fraction in (0, 1), e.g. 0.01")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
@@ -137,6 +140,20 @@ class ConvertRequest:
             self.gguf_type = t
         if self.double_quant and self.method != "bnb-nf4":
             raise ConfigError("--double-quant only applies to --to bnb-nf4")
+
+    def _resolve_awq_switches(self) -> None:
+        """A switch left unset (None) takes AWQ_DEFAULTS; one set explicitly for another
+        algorithm is refused, like --act-order without GPTQ: it would be ignored."""
+        given = [("--" if v else "--no-") + f.replace("_", "-")
+                 for f in AWQ_DEFAULTS if (v := getattr(self, f)) is not None]
+        if given and self.algo != "awq":
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ConfigError(f"{' and '.join(given)} only {verb} to the AWQ algorithm, not "
+                              f"--algo {self.algo}", hint="add --algo awq (or --to awq), "
+                              "or drop " + " and ".join(given))
+        for f, default in AWQ_DEFAULTS.items():
+            if getattr(self, f) is None:
+                setattr(self, f, default)
 
     @property
     def kind(self) -> str:
