@@ -32,9 +32,10 @@ declare -A RUNS=(
   [rtn4]="--to gptq --algo rtn --bits 4"          [rtn4_asym]="--to gptq --algo rtn --bits 4 --asym"
   [rtn3]="--to gptq --algo rtn --bits 3"          [rtn3_asym]="--to gptq --algo rtn --bits 3 --asym"
   [gptq4_act]="--to gptq --bits 4 --act-order"   [gptq3_act]="--to gptq --bits 3 --act-order"
-  [awq4]="--to awq"                               [awq3]="--to gptq --algo awq --bits 3 --asym"
-  [awq4_clip]="--to awq --no-awq-scales --awq-clip-qk"
-  [awq3_clip]="--to gptq --algo awq --bits 3 --asym --no-awq-scales --awq-clip-qk")
+  # awq*: the published recipe (opt-in); awq*_clip: the default AWQ (clip only, q/k clipped)
+  [awq4]="--to awq --awq-scales --no-awq-clip-qk"
+  [awq3]="--to gptq --algo awq --bits 3 --asym --awq-scales --no-awq-clip-qk"
+  [awq4_clip]="--to awq"                          [awq3_clip]="--to gptq --algo awq --bits 3 --asym")
 for name in "${!RUNS[@]}"; do
   extra=()
   [[ $name == rtn* ]] || extra=("${CAL[@]}")
