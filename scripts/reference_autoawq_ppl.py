@@ -10,8 +10,8 @@ with the same calibration windows, so that its perplexity can be set beside ours
 
 Settings: w_bit 4, q_group_size 128, zero_point True, version GEMM, duo scaling and clip
 search on (AutoAWQ's defaults), model in float16 as AutoAWQ loads it (``--dtype float32``
-searches in float32: ~4x faster on a CPU without fp16 GEMM, 50 min on 2 threads for the
-demo model; the final rounding is AutoAWQ's in float16 either way).  Calibration: the
+searches in float32: on a CPU without fp16 GEMM, 50 min on 2 threads for the demo model
+against ~2.7 h in float16; the final rounding is AutoAWQ's in float16 either way).  Calibration: the
 token windows ``quantrt convert --calib FILE --calib-samples N --calib-seqlen T`` uses
 (quantrt.convert.calibrated.calib_ids), passed as token lists; AutoAWQ concatenates them
 and cuts them back into the same T-token blocks.

@@ -33,8 +33,8 @@ INT_KINDS = ("gptq", "awq", "ct-int")  # methods whose weights are grouped integ
 FP8_SCHEMES = ("tensor", "channel", "block")
 # The AWQ recipe `--to awq` runs: clip search only, q/k clipped too.  On the demo model it
 # recovers 58% of asymmetric RTN's 4-bit perplexity increase, the published recipe (scale
-# search + clip, q/k unclipped: awq_scales=True, awq_clip_qk=False) 28% (BENCHMARKS.md,
-# "Convert: quality").
+# search + clip, q/k unclipped: awq_scales=True, awq_clip_qk=False) 28%, AutoAWQ's own
+# run of it 20% (BENCHMARKS.md, "Convert: quality").
 AWQ_DEFAULTS = {"awq_scales": False, "awq_clip_qk": True}
 # GGML types gguf-py 0.19 can quantize itself (gguf.quants.quantize).
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
