@@ -86,6 +86,12 @@ class StepOutput:
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
+def model_len_limit(lm: LoadedModel, config: EngineConfig) -> int:
+    """The longest sequence the engine may hold: ``max_model_len``, within the model's."""
+    limit = lm.config.max_position_embeddings
+    return min(config.max_model_len or limit, limit)
+
+
 def kv_memory(lm: LoadedModel, config: EngineConfig) -> tuple[int, int]:
     """(KV-cache budget in bytes, KV bytes per token) of this process: ``kv_cache_memory``;
     else on a GPU what ``gpu_memory_utilization`` leaves after profiling steps
@@ -103,8 +109,7 @@ def kv_memory(lm: LoadedModel, config: EngineConfig) -> tuple[int, int]:
         return DEFAULT_CPU_KV_BYTES, per_token
     from quantrt.engine.memory_profile import utilization_budget
 
-    max_len = min(config.max_model_len or lm.config.max_position_embeddings,
-                  lm.config.max_position_embeddings)
+    max_len = model_len_limit(lm, config)
     budget = utilization_budget(lm, DEFAULT_GPU_MEMORY_UTILIZATION if util is None else util,
                                 config.max_num_seqs, config.max_num_batched_tokens,
                                 config.block_size, config.cuda_graphs, max_len)
@@ -133,8 +138,7 @@ class LLMEngine:
             budget, per_token = mine
             raise ConfigError(f"kv_cache_memory of {budget} bytes holds no block of "
                               f"{config.block_size} tokens ({per_token} bytes per token)")
-        self.model_len_limit = min(config.max_model_len or lm.config.max_position_embeddings,
-                                   lm.config.max_position_embeddings)
+        self.model_len_limit = model_len_limit(lm, config)
         # The last token of a sequence is sampled, never computed: a cache of C tokens
         # serves sequences of C + 1, and a sequence running alone always fits.
         self.max_model_len = min(self.model_len_limit, num_blocks * config.block_size + 1)
