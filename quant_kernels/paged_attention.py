@@ -48,6 +48,24 @@ def check_cache_dtype(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
 
 
 @triton.jit
+def load_kv_tile(k_ptr, v_ptr, bt_row_ptr, pos, valid, kvh, offs_d, d_mask,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 PAGE: tl.constexpr, DTYPE: tl.constexpr):
+    """K and V ([len(pos), D_PAD]) of positions ``pos`` of one sequence (``bt_row_ptr``: its
+    block table row) for KV head ``kvh``, gathered through the block table: each token's
+    page, then its slot; rows not ``valid`` read nothing (zeros).  An FP8 (scale 1.0) or
+    other-dtype cache is cast to DTYPE in registers; a no-op for a cache of DTYPE."""
+    page = tl.load(bt_row_ptr + pos // PAGE, mask=valid, other=0).to(tl.int64)
+    slot = pos % PAGE
+    kv_mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks
+                + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs
+                + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    return k.to(DTYPE), v.to(DTYPE)
+
+
+@triton.jit
 def _decode_kernel(
     # q [B, H, D]; caches [num_blocks, BLOCK_SIZE, Hk, D]; block tables [B, max_blocks] int32;
     # context lengths [B] int32; partial outputs [SPLITS, B, H, D] fp32, max/sum [SPLITS, B, H];
@@ -92,18 +110,10 @@ def _decode_kernel(
     for t in range(t_lo, t_hi):
         pos = t * BLOCK_N + offs_n
         s_mask = (pos < ctx) & (pos >= lo)
-        # each token's page from the block table: a tile spans BLOCK_N / BLOCK_SIZE pages
-        page = tl.load(bt_ptr + b * stride_btb + pos // BLOCK_SIZE, mask=pos < ctx,
-                       other=0).to(tl.int64)
-        slot = pos % BLOCK_SIZE
-        kv_mask = s_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks
-                    + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs
-                    + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        # an FP8 (scale 1.0) or other-dtype cache: cast in registers; a no-op for q's dtype
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
+        # a tile spans BLOCK_N / BLOCK_SIZE pages of the block table
+        k, v = load_kv_tile(k_ptr, v_ptr, bt_ptr + b * stride_btb, pos, s_mask, kvh, offs_d,
+                            d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                            stride_vh, BLOCK_SIZE, q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [ROWS, BLOCK_N]
         if SOFTCAP:
             # tanh from exp of a non-positive argument, so it never overflows

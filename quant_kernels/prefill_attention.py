@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quant_kernels.paged_attention import check_cache_dtype
+from quant_kernels.paged_attention import check_cache_dtype, load_kv_tile
 
 
 @triton.jit
@@ -87,15 +87,9 @@ def _prefill_kernel(
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + offs_n
         n_mask = k_pos < hi
-        page = tl.load(bt_ptr + b * stride_btb + k_pos // PAGE, mask=n_mask, other=0).to(tl.int64)
-        slot = k_pos % PAGE
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + page[:, None] * stride_kb + slot[:, None] * stride_ks
-                    + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + page[:, None] * stride_vb + slot[:, None] * stride_vs
-                    + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
+        k, v = load_kv_tile(k_ptr, v_ptr, bt_ptr + b * stride_btb, k_pos, n_mask, kvh, offs_d,
+                            d_mask, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                            stride_vh, PAGE, q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
