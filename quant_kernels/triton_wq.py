@@ -45,6 +45,7 @@ try:
     from . import triton_wq_gemv as _gemv
     from . import triton_wq_gemv1 as _gemv1
     from . import triton_wq_mma as _mma
+    from .triton_wq_tile import graph_time
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - hosts without Triton keep the torch path
     HAS_TRITON = False
@@ -108,43 +109,10 @@ def _timed_choice(x: torch.Tensor, w: WQWeight, out: torch.Tensor, fns: dict, ca
         return choice
     if INTERPRET or not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return fallback
-    times = {name: _graph_time(lambda fn=fn: fn(x, w, out), x.device) for name, fn in fns.items()}
+    with torch.cuda.device(x.device):
+        times = {name: graph_time(lambda fn=fn: fn(x, w, out)) for name, fn in fns.items()}
     choice = _CHOICE[key] = min(times, key=times.get)
     return choice
-
-
-def _graph_time(fn, device: torch.device, reps: int = 10) -> float:
-    """GPU time of ``fn`` as the engine runs it: replayed from a CUDA graph (no host launch
-    cost, which ``do_bench`` would count for a 10 us kernel), each call after an L2 flush
-    (weights come from DRAM, as in a model whose layers do not fit L2); the flush's own
-    time is measured alone and subtracted."""
-    fn()  # autotunes / compiles outside the capture
-    flush = torch.empty(64 << 20, dtype=torch.int8, device=device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    graphs = []
-    with torch.cuda.stream(side):
-        for body in (lambda: (flush.zero_(), fn()), flush.zero_):
-            body()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=side):
-                for _ in range(reps):
-                    body()
-            graphs.append(g)
-    torch.cuda.current_stream(device).wait_stream(side)
-    times = []
-    for g in graphs:
-        best = float("inf")
-        for _ in range(3):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            best = min(best, start.elapsed_time(end))
-        times.append(best)
-    return (times[0] - times[1]) / reps
 
 
 def dequant_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None = None,

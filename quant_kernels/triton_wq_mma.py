@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .triton_wq_tile import INTERPRET, autotune_kwargs, device_fn, launch_tuned
 from .triton_wq_mma_lane import (SLAB_BYTES, emulate_fragments, lane_groups, slab_columns,
-                                 slab_lane_scaled)
+                                 slab_lane_scaled, slab_scales_lane)
 from .triton_wq_mma_ptx import (ASM_LOAD1, ASM_LOAD2, C_LOAD1, C_LOAD2, ptx_block,
                                 ptx_constraints)
 from .wq_layout import WQWeight, num_sms
@@ -84,20 +84,14 @@ def _load_words1(wq_lo, wq_hi, sa):
 
 @device_fn
 def _slab_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+                 s_lo, s_hi, b_lo, b_hi,
                  qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
                  stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
                  GS: tl.constexpr, MB: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
                  ASM_C: tl.constexpr):
     """One slab, groups of whole slabs (or per-channel): the 16 x (8 MB) MMA block of this
-    warp's rows, scaled per slab and added to the accumulators (where ``valid``)."""
-    if GS == 0:
-        g = 0
-    else:
-        g = slab // GS
-    s_lo = tl.load(s_ptr + ld_lo * stride_sn + g * stride_sg).to(tl.float32)
-    s_hi = tl.load(s_ptr + ld_hi * stride_sn + g * stride_sg).to(tl.float32)
-    b_lo = tl.load(b_ptr + ld_lo * stride_bn + g * stride_bg).to(tl.float32)
-    b_hi = tl.load(b_ptr + ld_hi * stride_bn + g * stride_bg).to(tl.float32)
+    warp's rows, scaled per slab (``slab_scales``) and added to the accumulators (where
+    ``valid``)."""
     if INTERPRET_C:
         d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3 = emulate_fragments(
             qw_ptr, x_ptr, s_ptr, b_ptr, q, ld_lo, ld_hi, slab, M, stride_qn, stride_xm,
@@ -127,23 +121,49 @@ def _slab_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
 
 @device_fn
 def _slab(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
-          qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
+          sc, qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M,
           stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
           GS: tl.constexpr, MB: tl.constexpr, BITS: tl.constexpr, SMALL_G: tl.constexpr,
           ASM: tl.constexpr, ASM_C: tl.constexpr):
-    """One 128-column slab of this warp's rows into the accumulators."""
+    """One 128-column slab of this warp's rows into the accumulators; ``sc`` is the slab's
+    (s_lo, s_hi, b_lo, b_hi) from ``_scales``."""
+    s_lo, s_hi, b_lo, b_hi = sc
     if SMALL_G > 0:
         a0, a1, a2, a3, a4, a5, a6, a7 = slab_lane_scaled(
-            a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, qw_ptr, x_ptr,
-            s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M, stride_qn,
-            stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G, MB, BITS, ASM,
-            ASM_C)
+            a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, s_lo, s_hi,
+            b_lo, b_hi, qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab,
+            valid, M, stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg,
+            SMALL_G, MB, BITS, ASM, ASM_C)
     else:
         a0, a1, a2, a3, a4, a5, a6, a7 = _slab_scaled(
-            a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, qw_ptr, x_ptr,
-            s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab, valid, M, stride_qn,
-            stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, GS, MB, BITS, ASM, ASM_C)
+            a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, s_lo, s_hi,
+            b_lo, b_hi, qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab,
+            valid, M, stride_qn, stride_xm, stride_sn, stride_sg, stride_bn, stride_bg, GS,
+            MB, BITS, ASM, ASM_C)
     return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@device_fn
+def _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, slab, stride_sn, stride_sg, stride_bn, stride_bg,
+            GS: tl.constexpr, SMALL_G: tl.constexpr, BITS: tl.constexpr):
+    """Scales and biases of rows r / r + 8 for one slab, loaded a loop iteration before the
+    slab's MMAs (with its words): each slab's group is a fresh 32-byte sector of a
+    group-major table, and loading it in the iteration that uses it left one DRAM round
+    trip per iteration on every warp's critical path."""
+    if SMALL_G > 0:
+        s_lo, s_hi, b_lo, b_hi = slab_scales_lane(s_ptr, b_ptr, q, ld_lo, ld_hi, slab,
+                                                  stride_sn, stride_sg, stride_bn, stride_bg,
+                                                  SMALL_G, BITS)
+    else:
+        if GS == 0:
+            g = 0
+        else:
+            g = slab // GS
+        s_lo = tl.load(s_ptr + ld_lo * stride_sn + g * stride_sg).to(tl.float32)
+        s_hi = tl.load(s_ptr + ld_hi * stride_sn + g * stride_sg).to(tl.float32)
+        b_lo = tl.load(b_ptr + ld_lo * stride_bn + g * stride_bg).to(tl.float32)
+        b_hi = tl.load(b_ptr + ld_hi * stride_bn + g * stride_bg).to(tl.float32)
+    return s_lo, s_hi, b_lo, b_hi
 
 
 @triton.jit(do_not_specialize=["M", "N"])
@@ -163,6 +183,14 @@ def _wq_mma_kernel(
     SMALL_G: tl.constexpr = 0,
     # 4 or 8; the slab's PTX block (triton_wq_mma_ptx.ptx_block) and its constraints
     BITS: tl.constexpr = 4, ASM: tl.constexpr = "", ASM_C: tl.constexpr = "",
+    # 1: scales and biases are loaded an iteration ahead, with the words (``_scales``);
+    # 0: in the iteration that uses them.  mma_matmul sets 1 for the lane-scaled block,
+    # whose A fragments need them before any MMA, 0 for the slab-scaled one, which
+    # applies them after the slab's MMAs (so their latency is hidden and ahead they only
+    # hold registers); measured both ways in BENCHMARKS.md
+    SCALES_AHEAD: tl.constexpr = 0,
+    # PAIR == 1 only: slabs whose words are in flight while one is computed (1..3)
+    DEPTH: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     idx = tl.arange(0, 32 * WARPS)
@@ -203,44 +231,103 @@ def _wq_mma_kernel(
         wq_hi = (qw_ptr + ld_hi * stride_qn + 4 * q).to(tl.int64, bitcast=True)
         xa0 = (x_ptr + m0 * stride_xm + (SLAB // 4) * q).to(tl.int64, bitcast=True)
         xa1 = (x_ptr + m1 * stride_xm + (SLAB // 4) * q).to(tl.int64, bitcast=True)
-        if PAIR == 2:
+    # the first iteration's words and scales; each iteration loads the next one's
+    sc0 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(first, last),
+        stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+    sc1 = sc0
+    if PAIR == 2:
+        sc1 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(first + 1, last),
+            stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+        if not INTERPRET_C:
             (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14,
              w15) = _load_words(wq_lo, wq_hi, tl.minimum(first, last).to(tl.int64),
                                 tl.minimum(first + 1, last).to(tl.int64))
-        else:
+    else:
+        # PAIR == 1: DEPTH slabs in flight; the slabs after the first in n*/nn* (and scn,
+        # scnn), shifted down each iteration
+        scn = sc0
+        scnn = sc0
+        n0, n1, n2, n3, n4, n5, n6, n7 = w0, w1, w2, w3, w4, w5, w6, w7
+        nn0, nn1, nn2, nn3, nn4, nn5, nn6, nn7 = w0, w1, w2, w3, w4, w5, w6, w7
+        if DEPTH >= 2:
+            scn = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(first + 1, last),
+                          stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+        if DEPTH >= 3:
+            scnn = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(first + 2, last),
+                           stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+        if not INTERPRET_C:
             w0, w1, w2, w3, w4, w5, w6, w7 = _load_words1(
                 wq_lo, wq_hi, tl.minimum(first, last).to(tl.int64))
-    for it in range(0, per_warp // PAIR):
-        if PAIR == 1:
-            sa = first + it
-            if not INTERPRET_C:
+            if DEPTH >= 2:
                 n0, n1, n2, n3, n4, n5, n6, n7 = _load_words1(
-                    wq_lo, wq_hi, tl.minimum(sa + 1, last).to(tl.int64))
+                    wq_lo, wq_hi, tl.minimum(first + 1, last).to(tl.int64))
+            if DEPTH >= 3:
+                nn0, nn1, nn2, nn3, nn4, nn5, nn6, nn7 = _load_words1(
+                    wq_lo, wq_hi, tl.minimum(first + 2, last).to(tl.int64))
+    for it in range(0, per_warp // PAIR):
+        sa = first + PAIR * it
+        if SCALES_AHEAD == 0:
+            sc0 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(sa, last),
+                stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+            if PAIR == 2:
+                sc1 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(sa + 1, last),
+                    stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+        if PAIR == 1:
+            fetch = tl.minimum(sa + DEPTH, last)  # the slab DEPTH iterations ahead
+            nsc = sc0
+            if SCALES_AHEAD:
+                nsc = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, fetch, stride_sn, stride_sg,
+                              stride_bn, stride_bg, GS, SMALL_G, BITS)
+            f0, f1, f2, f3, f4, f5, f6, f7 = w0, w1, w2, w3, w4, w5, w6, w7
+            if not INTERPRET_C:
+                f0, f1, f2, f3, f4, f5, f6, f7 = _load_words1(
+                    wq_lo, wq_hi, fetch.to(tl.int64))
             a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
-                a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+                a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, sc0,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn,
                 stride_sg, stride_bn, stride_bg, GS, MB, BITS, SMALL_G, ASM, ASM_C)
-            if not INTERPRET_C:
+            if DEPTH == 1:
+                sc0 = nsc
+                w0, w1, w2, w3, w4, w5, w6, w7 = f0, f1, f2, f3, f4, f5, f6, f7
+            elif DEPTH == 2:
+                sc0 = scn
+                scn = nsc
                 w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+                n0, n1, n2, n3, n4, n5, n6, n7 = f0, f1, f2, f3, f4, f5, f6, f7
+            else:
+                sc0 = scn
+                scn = scnn
+                scnn = nsc
+                w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
+                n0, n1, n2, n3, n4, n5, n6, n7 = nn0, nn1, nn2, nn3, nn4, nn5, nn6, nn7
+                nn0, nn1, nn2, nn3, nn4, nn5, nn6, nn7 = f0, f1, f2, f3, f4, f5, f6, f7
         else:
-            sa = first + 2 * it
             sb = sa + 1
+            # the next pair's scales and words (clamped: never past the weight's last slab)
+            nsc0 = sc0
+            nsc1 = sc1
+            if SCALES_AHEAD:
+                nsc0 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(sa + 2, last),
+                    stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+                nsc1 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(sa + 3, last),
+                    stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
             if not INTERPRET_C:
-                # the next pair's words (clamped: never past the weight's last slab)
                 (n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, n14,
                  n15) = _load_words(wq_lo, wq_hi, tl.minimum(sa + 2, last).to(tl.int64),
                                     tl.minimum(sa + 3, last).to(tl.int64))
             a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
-                a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+                a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7, sc0,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sa, last), sa < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
                 stride_bn, stride_bg, GS, MB, BITS, SMALL_G, ASM, ASM_C)
             a0, a1, a2, a3, a4, a5, a6, a7 = _slab(
-                a0, a1, a2, a3, a4, a5, a6, a7, w8, w9, w10, w11, w12, w13, w14, w15,
+                a0, a1, a2, a3, a4, a5, a6, a7, w8, w9, w10, w11, w12, w13, w14, w15, sc1,
                 qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi,
                 tl.minimum(sb, last), sb < end, M, stride_qn, stride_xm, stride_sn, stride_sg,
                 stride_bn, stride_bg, GS, MB, BITS, SMALL_G, ASM, ASM_C)
+            sc0 = nsc0
+            sc1 = nsc1
             if not INTERPRET_C:
                 w0, w1, w2, w3, w4, w5, w6, w7 = n0, n1, n2, n3, n4, n5, n6, n7
                 w8, w9, w10, w11, w12, w13, w14, w15 = n8, n9, n10, n11, n12, n13, n14, n15
@@ -265,17 +352,22 @@ INTERPRET_C = tl.constexpr(INTERPRET)
 
 
 # ----------------------------------------------------------------------------- launch
-def _cfg(warps: int, pair: int = 2) -> triton.Config:
-    return triton.Config({"WARPS": warps, "PAIR": pair}, num_warps=warps, num_stages=1)
+def _cfg(warps: int, pair: int = 2, maxnreg: int | None = None, **knobs) -> triton.Config:
+    """A launch config; ``knobs`` sets the kernel's other constexprs (DEPTH, and
+    SCALES_AHEAD to measure it); ``maxnreg`` caps registers per thread (occupancy)."""
+    return triton.Config({"WARPS": warps, "PAIR": pair, **knobs}, num_warps=warps,
+                         num_stages=1, maxnreg=maxnreg)
 
 
 # The warps of a program split its 16 rows' K range.  From scripts/bench_wq_mma.py on the
 # H100: one slab per iteration won for K = 4096 (4096x14336 M=1: 15.3 us against 21.2),
-# two for K >= 8192 (14336x4096: 17.7 against 19.9); 4 or 8 warps, rarely 16.
-MMA_CONFIGS = [_cfg(w, p) for w in (4, 8, 16) for p in (1, 2)]
+# two for K >= 8192 (14336x4096: 17.7 against 19.9); 4 or 8 warps, rarely 16.  Two or
+# three slabs in flight (DEPTH) won at M = 16 (8192x8192: 29.1 us against 31.0).
+MMA_CONFIGS = ([_cfg(w, p) for w in (4, 8, 16) for p in (1, 2)]
+               + [_cfg(4, 1, DEPTH=2), _cfg(4, 1, DEPTH=3), _cfg(8, 1, DEPTH=2)])
 
 _tuned = triton.autotune(configs=MMA_CONFIGS, key=["N", "K", "GS", "MB", "SMALL_G", "BITS"],
-                         **autotune_kwargs())(_wq_mma_kernel)
+                         **autotune_kwargs(graph=True))(_wq_mma_kernel)
 
 
 @functools.lru_cache(maxsize=None)
@@ -329,6 +421,8 @@ def mma_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
            "ASM_C": ptx_constraints(mb, lane)}
     if config is None and INTERPRET:
         config = _cfg(2)
+    if config is None or "SCALES_AHEAD" not in config.kwargs:
+        asm["SCALES_AHEAD"] = int(lane)
     args = (x, w.qweight, w.scales, w.bias, out, m, w.n, w.k,
             x.stride(0), w.qweight.stride(0), w.scales.stride(0), w.scales.stride(1),
             w.bias.stride(0), w.bias.stride(1), out.stride(0), out.stride(1))

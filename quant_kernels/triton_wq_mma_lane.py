@@ -94,25 +94,36 @@ def _pair(v, DTYPE: tl.constexpr):
 
 
 @device_fn
+def slab_scales_lane(s_ptr, b_ptr, q, ld_lo, ld_hi, slab, stride_sn, stride_sg, stride_bn,
+                     stride_bg, SMALL_G: tl.constexpr, BITS: tl.constexpr):
+    """This lane's group's scale and bias of rows r / r + 8 in ``slab``, each twice in one
+    register (the f16x2 / bf16x2 operands of the lane-scaled PTX block)."""
+    SLAB: tl.constexpr = SLAB_BYTES * 8 // BITS
+    DTYPE: tl.constexpr = s_ptr.dtype.element_ty  # scales are in x's dtype (can_run)
+    g = (slab * SLAB + (SLAB // 4) * q) // SMALL_G  # this lane's columns' group
+    s_lo = _pair(tl.load(s_ptr + ld_lo * stride_sn + g * stride_sg), DTYPE)
+    s_hi = _pair(tl.load(s_ptr + ld_hi * stride_sn + g * stride_sg), DTYPE)
+    b_lo = _pair(tl.load(b_ptr + ld_lo * stride_bn + g * stride_bg), DTYPE)
+    b_hi = _pair(tl.load(b_ptr + ld_hi * stride_bn + g * stride_bg), DTYPE)
+    return s_lo, s_hi, b_lo, b_hi
+
+
+@device_fn
 def slab_lane_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
+                     s_lo, s_hi, b_lo, b_hi,
                      qw_ptr, x_ptr, s_ptr, b_ptr, xa0, xa1, lane, q, ld_lo, ld_hi, slab,
                      valid, M, stride_qn, stride_xm, stride_sn, stride_sg, stride_bn,
                      stride_bg, SMALL_G: tl.constexpr, MB: tl.constexpr, BITS: tl.constexpr,
                      ASM: tl.constexpr, ASM_C: tl.constexpr):
     """One slab with groups of SMALL_G (32 or 64) columns: each lane's run sits in one
-    group, whose scale and bias go into its A fragments."""
+    group, whose scale and bias (``slab_scales_lane``, loaded ahead) go into its A
+    fragments."""
     SLAB: tl.constexpr = SLAB_BYTES * 8 // BITS
     if INTERPRET_C:
         d0, d1, d2, d3, d4, d5, d6, d7, _x0, _x1, _x2, _x3 = emulate_fragments(
             qw_ptr, x_ptr, s_ptr, b_ptr, q, ld_lo, ld_hi, slab, M, stride_qn, stride_xm,
             stride_sn, stride_sg, stride_bn, stride_bg, SMALL_G, MB, BITS)
     else:
-        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
-        g = (slab * SLAB + (SLAB // 4) * q) // SMALL_G  # this lane's columns' group
-        s_lo = _pair(tl.load(s_ptr + ld_lo * stride_sn + g * stride_sg), DTYPE)
-        s_hi = _pair(tl.load(s_ptr + ld_hi * stride_sn + g * stride_sg), DTYPE)
-        b_lo = _pair(tl.load(b_ptr + ld_lo * stride_bn + g * stride_bg), DTYPE)
-        b_hi = _pair(tl.load(b_ptr + ld_hi * stride_bn + g * stride_bg), DTYPE)
         xo = slab.to(tl.int64) * (SLAB * 2)
         if MB == 1:
             d0, d1, d2, d3 = tl.inline_asm_elementwise(

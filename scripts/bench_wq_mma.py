@@ -3,7 +3,8 @@ the tensor-core MMA kernel (``triton_wq_mma``), the packed-half M = 1 kernel
 (``triton_wq_gemv1``), the split-K decode kernel (``triton_wq_gemv``) and cuBLAS fp16.
 
     PYTHONPATH=. python scripts/bench_wq_mma.py [--out wq_mma.json] [--dtype fp16] \
-        [--group 32] [--bits 8] [--shapes 8192x8192] [--ms 1,16]
+        [--group 32] [--bits 8] [--shapes 8192x8192] [--ms 1,16] \
+        [--configs '8:2;8:2:SCALES_AHEAD=1;4:1:DEPTH=3'] [--only-configs]
 
 Every timed kernel's output is first checked against ``wq_reference`` (relative error
 printed).  Speedups are over cuBLAS fp16 ``F.linear`` in the same run.
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +36,25 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (4096, 6144)
 MS = [1, 2, 4, 8, 16]
 
 
+@triton.jit
+def _read_kernel(src, dst, n, BLOCK: tl.constexpr):
+    # read floor: every byte of src once, 16-byte vector loads, one int per program out
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(src + offs, mask=offs < n, other=0, cache_modifier=".cg")
+    tl.store(dst + tl.program_id(0), tl.xor_sum(v, axis=0))
+
+
+def read_floor_us(nbytes: int) -> float:
+    """CUDA-graph time to read ``nbytes`` (8 rotating buffers): the weight's memory floor."""
+    n = -(-nbytes // 4)
+    bufs = [torch.randint(0, 1 << 30, (n,), device="cuda", dtype=torch.int32)
+            for _ in range(ROTATE)]
+    block = 4096
+    dst = torch.empty(-(-n // block), device="cuda", dtype=torch.int32)
+    return graph_time_us([lambda b=b: _read_kernel[(dst.numel(),)](b, dst, n, BLOCK=block)
+                          for b in bufs])
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -46,6 +68,13 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128, help="scale group (32, 64, 128, ...)")
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
     ap.add_argument("--shapes", default=None, help="KxN,... (default: the five below)")
+    ap.add_argument("--configs", default="",
+                    help="also time these fixed MMA configs: 'WARPS:PAIR[:KNOB=V...];...', "
+                         "knobs DEPTH, SCALES_AHEAD, MAXNREG (triton_wq_mma._cfg)")
+    ap.add_argument("--read-floor", action="store_true",
+                    help="also time a plain read of the weight's bytes (its memory floor)")
+    ap.add_argument("--only-configs", action="store_true",
+                    help="time only --configs and cuBLAS (no autotuning: for ncu)")
     args = ap.parse_args()
     shapes = ([tuple(int(v) for v in t.split("x")) for t in args.shapes.split(",")]
               if args.shapes else SHAPES)
@@ -68,16 +97,29 @@ def main() -> None:
             xh = x.half()
             outs = [torch.empty(m, n, device="cuda", dtype=dt) for _ in ws]
             ref = wq_reference(x, ws[0])
-            kern = {"mma": lambda i: mm.mma_matmul(x, ws[i], outs[i])}
+            kern = {}
+            if not args.only_configs:
+                kern["mma"] = lambda i: mm.mma_matmul(x, ws[i], outs[i])
+            for spec in [c for c in args.configs.split(";") if c]:
+                wp, pr, *kv = spec.split(":")
+                knobs = {a if a != "MAXNREG" else "maxnreg": int(b)
+                         for a, b in (t.split("=") for t in kv)}
+                cfg = mm._cfg(int(wp), int(pr), **knobs)
+                kern["mma_" + spec.replace(":", "_")] = (
+                    lambda i, cfg=cfg: mm.mma_matmul(x, ws[i], outs[i], config=cfg))
             for wp in [int(v) for v in args.warps.split(",") if v]:
                 kern[f"mma_w{wp}"] = (lambda i, wp=wp: mm.mma_matmul(x, ws[i], outs[i],
                                                                      config=mm._cfg(wp)))
-            if m == 1 and g1.can_run(x, ws[0])[0]:
+            if m == 1 and g1.can_run(x, ws[0])[0] and not args.only_configs:
                 kern["gemv1"] = lambda i: g1.gemv1(x, ws[i], outs[i])
-            kern["gemv"] = lambda i: gv.gemv(x, ws[i], outs[i])
+            if not args.only_configs:
+                kern["gemv"] = lambda i: gv.gemv(x, ws[i], outs[i])
             row = dict(k=k, n=n, m=m, dtype=args.dtype, group=g, bits=args.bits)
             t_fp16 = graph_time_us([lambda i=i: F.linear(xh, dense[i]) for i in range(ROTATE)])
             row["cublas_fp16_us"] = round(t_fp16, 2)
+            if args.read_floor:
+                t = read_floor_us(ws[0].nbytes)
+                row["read_floor"] = dict(us=round(t, 2), x=round(t_fp16 / t, 2), err=0.0)
             for name, fn in kern.items():
                 outs[0].fill_(float("nan"))
                 fn(0)

@@ -50,6 +50,20 @@ def test_shapes(k, g, m, dtype):
     assert run(x, w) < TOL[dtype]
 
 
+# the loop variants: one slab per iteration with 1-3 in flight, scales loaded in the
+# iteration that uses them; K of 5 and 9 slabs so that warps' runs end mid-flight
+@pytest.mark.parametrize("knobs", [dict(pair=1, DEPTH=1), dict(pair=1, DEPTH=2),
+                                   dict(pair=1, DEPTH=3), dict(pair=2, SCALES_AHEAD=0),
+                                   dict(pair=1, DEPTH=3, SCALES_AHEAD=0)])
+@pytest.mark.parametrize("k,g", [(640, 128), (1152, 64)])
+@pytest.mark.parametrize("m", [1, 9])
+def test_loop_variants(knobs, k, g, m):
+    w = make_weight(17, k, g, 4, device=DEV, seed=k + m)
+    x = torch.randn(m, k, dtype=torch.float16, device=DEV)
+    knobs = dict(knobs)
+    assert run(x, w, config=mm._cfg(2, knobs.pop("pair"), **knobs)) < TOL[torch.float16]
+
+
 # 8-bit: 64-column slabs; groups of 32 (lane-scaled), 64 / 128 (slab-scaled), per-channel
 @pytest.mark.parametrize("k,g", [(64, 32), (320, 32), (192, 64), (384, 128), (256, "K")])
 @pytest.mark.parametrize("m", [1, 3, 9, 16])
