@@ -46,7 +46,7 @@ from .triton_wq_mma_lane import (SLAB_BYTES, emulate_fragments, lane_groups, sla
                                  slab_lane_scaled, slab_scales_lane)
 from .triton_wq_mma_ptx import (ASM_LOAD1, ASM_LOAD2, C_LOAD1, C_LOAD2, ptx_block,
                                 ptx_constraints)
-from .wq_layout import WQWeight, num_sms
+from .wq_layout import WQWeight
 
 MAX_M = 16  # activation rows: two 8-column MMA blocks
 
@@ -90,7 +90,7 @@ def _slab_scaled(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
                  GS: tl.constexpr, MB: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr,
                  ASM_C: tl.constexpr):
     """One slab, groups of whole slabs (or per-channel): the 16 x (8 MB) MMA block of this
-    warp's rows, scaled per slab (``slab_scales``) and added to the accumulators (where
+    warp's rows, scaled per slab (``_scales``) and added to the accumulators (where
     ``valid``)."""
     if INTERPRET_C:
         d0, d1, d2, d3, d4, d5, d6, d7, x0, x1, x2, x3 = emulate_fragments(
@@ -146,10 +146,10 @@ def _slab(a0, a1, a2, a3, a4, a5, a6, a7, w0, w1, w2, w3, w4, w5, w6, w7,
 @device_fn
 def _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, slab, stride_sn, stride_sg, stride_bn, stride_bg,
             GS: tl.constexpr, SMALL_G: tl.constexpr, BITS: tl.constexpr):
-    """Scales and biases of rows r / r + 8 for one slab, loaded a loop iteration before the
-    slab's MMAs (with its words): each slab's group is a fresh 32-byte sector of a
-    group-major table, and loading it in the iteration that uses it left one DRAM round
-    trip per iteration on every warp's critical path."""
+    """Scales and biases of rows r / r + 8 for one slab: fp32 for the slab-scaled block,
+    packed pairs for the lane-scaled one.  Each slab's group is a fresh 32-byte sector of
+    a group-major table, i.e. a DRAM round trip; the kernel's SCALES_AHEAD says whether it
+    is issued an iteration ahead, with the words."""
     if SMALL_G > 0:
         s_lo, s_hi, b_lo, b_hi = slab_scales_lane(s_ptr, b_ptr, q, ld_lo, ld_hi, slab,
                                                   stride_sn, stride_sg, stride_bn, stride_bg,
@@ -233,11 +233,11 @@ def _wq_mma_kernel(
         xa1 = (x_ptr + m1 * stride_xm + (SLAB // 4) * q).to(tl.int64, bitcast=True)
     # the first iteration's words and scales; each iteration loads the next one's
     sc0 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(first, last),
-        stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+                  stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
     sc1 = sc0
     if PAIR == 2:
         sc1 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(first + 1, last),
-            stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+                      stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
         if not INTERPRET_C:
             (w0, w1, w2, w3, w4, w5, w6, w7, w8, w9, w10, w11, w12, w13, w14,
              w15) = _load_words(wq_lo, wq_hi, tl.minimum(first, last).to(tl.int64),
@@ -268,10 +268,10 @@ def _wq_mma_kernel(
         sa = first + PAIR * it
         if SCALES_AHEAD == 0:
             sc0 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(sa, last),
-                stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+                          stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
             if PAIR == 2:
                 sc1 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(sa + 1, last),
-                    stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+                              stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
         if PAIR == 1:
             fetch = tl.minimum(sa + DEPTH, last)  # the slab DEPTH iterations ahead
             nsc = sc0
@@ -309,9 +309,9 @@ def _wq_mma_kernel(
             nsc1 = sc1
             if SCALES_AHEAD:
                 nsc0 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(sa + 2, last),
-                    stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+                               stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
                 nsc1 = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(sa + 3, last),
-                    stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
+                               stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
             if not INTERPRET_C:
                 (n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, n14,
                  n15) = _load_words(wq_lo, wq_hi, tl.minimum(sa + 2, last).to(tl.int64),
