@@ -9,6 +9,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """The tiny random Llama of ``tests.tiny_models`` loaded on the CPU, once per module."""
+    from quantrt.loader import load
+    from tests.tiny_models import make_tiny_model
+
+    return load(make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), device="cpu",
+                progress=False)
+
+
 @pytest.fixture(scope="session")
 def demo_gguf():
     """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF (fetched once into the cache)."""

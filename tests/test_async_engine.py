@@ -7,25 +7,14 @@ import pytest
 
 from quantrt import LLM, SamplingParams
 from quantrt.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from quantrt.engine.llm_engine import EngineConfig, LLMEngine
 from quantrt.errors import ConfigError
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import small_engine
 
 LONG = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    from quantrt.loader import load
-
-    return load(make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), device="cpu",
-                progress=False)
-
-
 def _async(loaded, **kw):
-    kw.setdefault("kv_cache_memory", 4 << 20)
-    kw.setdefault("block_size", 4)
-    return AsyncLLMEngine(LLMEngine(loaded, EngineConfig(**kw)))
+    return AsyncLLMEngine(small_engine(loaded, **kw))
 
 
 def _idle(engine):

@@ -6,19 +6,7 @@ import torch
 from quantrt.engine.block_manager import KVUsage
 from quantrt.engine.sequence import FinishReason, SamplingParams
 from quantrt.errors import ConfigError
-from tests.tiny_models import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama")
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_dir):
-    from quantrt.loader import load
-
-    return load(tiny_dir, device="cpu", progress=False)
+from tests.tiny_models import make_tiny_model, small_engine
 
 
 _MODE = {}
@@ -35,12 +23,8 @@ def overlap_steps(request):
 
 
 def _engine(loaded, **kw):
-    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
-
     kw.setdefault("overlap_steps", _MODE.get("overlap_steps", False))
-    kw.setdefault("kv_cache_memory", 4 << 20)
-    kw.setdefault("block_size", 4)
-    return LLMEngine(loaded, EngineConfig(**kw))
+    return small_engine(loaded, **kw)
 
 
 def _prompts(n, seed=0):

@@ -7,23 +7,11 @@ import torch
 
 from quantrt.engine.sequence import FinishReason, SamplingParams
 from quantrt.errors import ConfigError
-from tests.tiny_models import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    from quantrt.loader import load
-
-    return load(make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), device="cpu",
-                progress=False)
+from tests.tiny_models import small_engine
 
 
 def _engine(loaded, overlap, **kw):
-    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
-
-    kw.setdefault("kv_cache_memory", 4 << 20)
-    kw.setdefault("block_size", 4)
-    return LLMEngine(loaded, EngineConfig(overlap_steps=overlap, **kw))
+    return small_engine(loaded, overlap_steps=overlap, **kw)
 
 
 def _count_launches(eng):

@@ -13,7 +13,7 @@ from quantrt.engine.sequence import SamplingParams
 from quantrt.errors import ConfigError
 from quantrt.models.attention import (AttentionMetadata, paged_attention, paged_attention_ref,
                                       to_cache_dtype, write_kv)
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, small_engine
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -181,20 +181,8 @@ def test_kernels_refuse_other_cache_dtypes():
 
 
 # -- engine -----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    from quantrt.loader import load
-
-    return load(make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), device="cpu",
-                progress=False)
-
-
 def _engine(loaded, kv_cache_dtype, **kw):
-    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
-
-    kw.setdefault("kv_cache_memory", 4 << 20)
-    kw.setdefault("block_size", 4)
-    return LLMEngine(loaded, EngineConfig(kv_cache_dtype=kv_cache_dtype, **kw))
+    return small_engine(loaded, kv_cache_dtype=kv_cache_dtype, **kw)
 
 
 def _prompts(n, seed=0):

@@ -3,19 +3,10 @@ import pytest
 
 from quantrt import LLM, SamplingParams
 from quantrt.errors import ConfigError
-from tests.tiny_models import make_tiny_model
 
 GREEDY = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    from quantrt.loader import load
-
-    return load(make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), device="cpu",
-                progress=False)
 
 
 @pytest.fixture

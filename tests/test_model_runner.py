@@ -5,20 +5,10 @@ they are views of one host buffer (one host-to-device copy on CUDA), and a greed
 no other tensor from host data."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from quantrt.engine.sequence import SamplingParams
-from tests.tiny_models import make_tiny_model
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    from quantrt.loader import load
-
-    return load(make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), device="cpu",
-                progress=False)
 
 
 class _HostTensors(TorchDispatchMode):

@@ -8,7 +8,6 @@ pytest.importorskip("fastapi")
 
 from quantrt import LLM, SamplingParams
 from quantrt.engine.async_engine import AsyncLLMEngine, EngineDeadError
-from quantrt.engine.llm_engine import EngineConfig, LLMEngine
 from quantrt.errors import ConfigError
 from quantrt.server.errors import APIError
 from quantrt.server.generation import Completion, merged, unless_disconnected
@@ -16,21 +15,13 @@ from quantrt.server.launch import parse_size
 from quantrt.server.logprobs import prompt_logprobs, token_pieces
 from quantrt.server.protocol import ChatCompletionRequest, CompletionRequest
 from tests import test_server as base
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_model, small_engine
 
 tokenizer = base.tokenizer          # the demo's GGUF tokenizer (no weights loaded)
 
 
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    from quantrt.loader import load
-
-    return load(make_tiny_model(tmp_path_factory.mktemp("tiny"), "llama"), device="cpu",
-                progress=False)
-
-
 def _engine(loaded):
-    return AsyncLLMEngine(LLMEngine(loaded, EngineConfig(kv_cache_memory=4 << 20, block_size=4)))
+    return AsyncLLMEngine(small_engine(loaded))
 
 
 def test_prompt_logprobs_agree_with_the_engines_sampled_logprobs(loaded):

@@ -220,6 +220,18 @@ def hf_state_from_gguf(model_dir: Path, gguf_path: Path) -> dict[str, torch.Tens
     return state
 
 
+# -- engines over tiny models ----------------------------------------------------------------
+def small_engine(loaded, **kw):
+    """An engine over a loaded model with a 4 MiB KV cache of 4-token blocks, so that a few
+    short prompts already straddle blocks and fill the cache (``kw``: EngineConfig fields,
+    which may override both)."""
+    from quantrt.engine.llm_engine import EngineConfig, LLMEngine
+
+    kw.setdefault("kv_cache_memory", 4 << 20)
+    kw.setdefault("block_size", 4)
+    return LLMEngine(loaded, EngineConfig(**kw))
+
+
 # -- comparing our engine with transformers ---------------------------------------------------
 def engine(source, **load_kw):
     """An engine over ``source`` on the CPU with 4-token KV blocks (so windows and chunks
