@@ -1,7 +1,7 @@
 """The public front of every fused dequant-matmul (``wq_matmul``, ``g16_matmul``,
-``lut4_matmul``, ``fp8_matmul``): input checks, leading dimensions, the optional ``out`` buffer, and the
-choice between the custom op (tracing) and a direct launch (eager calls and CUDA-graph
-captures: the op's dispatch costs more host time than a decode GEMV).
+``lut4_matmul``, ``fp8_matmul``): input checks, leading dimensions, the optional ``out``
+buffer, and the choice between the custom op (tracing) and a direct launch (eager calls and
+CUDA-graph captures: the op's dispatch costs more host time than a decode GEMV).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ try:
 
     from . import triton_g16_kernels as _k
     from .triton_wq_tile import (SPLITK_MAX_N, autotune_kwargs, check_split_tiles, launch_tuned,
-                                 split_locks)
+                                 split_locks, splitk_workspace)
     from .wq_layout import m_bucket, num_sms
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - hosts without Triton keep the torch path
@@ -143,10 +143,6 @@ def _weight_args(w: G16Weight, act_dtype: torch.dtype) -> tuple[tuple, tuple, di
     return ptrs, strides, consts
 
 
-def _splitk_ws(device, m: int, n: int, split: int) -> torch.Tensor:
-    return torch.empty(split * m * n if split > 1 else 1, device=device, dtype=torch.float32)
-
-
 def gemv(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
          config: triton.Config | None = None) -> torch.Tensor:
     """``out[M, N] = x[M, K] @ W.T`` for M <= 16 (shapes checked by the caller).
@@ -160,9 +156,7 @@ def gemv(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
     if config is not None and config.kwargs["BLOCK_M"] < m:
         raise ValueError(f"config BLOCK_M={config.kwargs['BLOCK_M']} < M={m}")
     ptrs, strides, consts = _weight_args(w, x.dtype)
-    split = config.kwargs["SPLIT_K"] if config is not None else \
-        max(c.kwargs["SPLIT_K"] for c in GEMV_CONFIGS) if w.n <= SPLITK_MAX_N else 1
-    ws = _splitk_ws(x.device, m, w.n, split)
+    ws = splitk_workspace(x.device, m, w.n, GEMV_CONFIGS, config)
     args = (x, *ptrs, out, ws, split_locks(x.device), m, w.n, k, m_bucket(m, DECODE_MAX_M),
             x.stride(0), x.stride(1), *strides, out.stride(0), out.stride(1))
 
@@ -188,9 +182,7 @@ def gemm(x: torch.Tensor, w: G16Weight, out: torch.Tensor,
                       min(64, max(16, triton.next_power_of_2(w.n))), 256,
                       2 if k >= 512 else 1, gm=2)
     ptrs, strides, consts = _weight_args(w, x.dtype)
-    split = config.kwargs["SPLIT_K"] if config is not None else \
-        max(c.kwargs["SPLIT_K"] for c in GEMM_CONFIGS) if w.n <= SPLITK_MAX_N else 1
-    ws = _splitk_ws(x.device, m, w.n, split)
+    ws = splitk_workspace(x.device, m, w.n, GEMM_CONFIGS, config)
     args = (x, *ptrs, out, ws, split_locks(x.device), m, w.n, k, m_bucket(m, GEMM_M_CAP),
             x.stride(0), x.stride(1), *strides, out.stride(0), out.stride(1))
 
