@@ -249,10 +249,10 @@ def _wq_mma_kernel(
         scnn = sc0
         n0, n1, n2, n3, n4, n5, n6, n7 = w0, w1, w2, w3, w4, w5, w6, w7
         nn0, nn1, nn2, nn3, nn4, nn5, nn6, nn7 = w0, w1, w2, w3, w4, w5, w6, w7
-        if DEPTH >= 2:
+        if DEPTH >= 2 and SCALES_AHEAD:
             scn = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(first + 1, last),
                           stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
-        if DEPTH >= 3:
+        if DEPTH >= 3 and SCALES_AHEAD:
             scnn = _scales(s_ptr, b_ptr, q, ld_lo, ld_hi, tl.minimum(first + 2, last),
                            stride_sn, stride_sg, stride_bn, stride_bg, GS, SMALL_G, BITS)
         if not INTERPRET_C:
