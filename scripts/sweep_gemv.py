@@ -146,12 +146,13 @@ def sweep(k, n, dtype, ms, rows, deadline, copy_bw, group=128):
             best = min((r for r in ok if r["kind"].split(":")[0] == fam),
                        key=lambda r: r["us"], default=None)
             if best:
-                print(f"{base['dtype']} g{group} K={k} N={n} M={m}: dense {base_t:.1f} us | {best['kind']} "
-                      f"{best['us']:.1f} us {best['speedup']:.2f}x copy {best['copy_frac']:.0%} "
+                print(f"{base['dtype']} g{group} K={k} N={n} M={m}: dense {base_t:.1f} us | "
+                      f"{best['kind']} {best['us']:.1f} us {best['speedup']:.2f}x copy {best['copy_frac']:.0%} "
                       f"err {best['rel_err']:.1e}", flush=True)
         bad = [r["kind"] for r in results if r not in ok]
         if bad:
-            print(f"  wrong results: {bad} {[(r['nan'], r['rel_err']) for r in results if r not in ok][:4]}")
+            errs = [(r["nan"], r["rel_err"]) for r in results if r not in ok]
+            print(f"  wrong results: {bad} {errs[:4]}")
     del ws, dense
     torch.cuda.empty_cache()
     return True
@@ -176,17 +177,16 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
           f"copy {copy_bw:.0f} GB/s", flush=True)
     rows = []
-    for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]:
-        for k, n in shapes:
-            # bf16: only the shape of the kernel target, M <= 16
-            sel = ms if dtype == torch.float16 else [m for m in ms if m <= 16]
-            if dtype != torch.float16 and (k, n) != shapes[0]:
-                continue
-            for group in [int(v) for v in args.groups.split(",")]:
-                if not sweep(k, n, dtype, sel, rows, deadline, copy_bw, group):
-                    break
-            Path(args.out).write_text(json.dumps({"copy_GBps": copy_bw, "rows": rows}, indent=1))
-    Path(args.out).write_text(json.dumps({"copy_GBps": copy_bw, "rows": rows}, indent=1))
+    # bf16: only the shape of the kernel target, M <= 16
+    jobs = [(dtype, k, n, group) for dtype in [getattr(torch, d) for d in args.dtypes.split(",")]
+            for k, n in shapes if dtype == torch.float16 or (k, n) == shapes[0]
+            for group in [int(v) for v in args.groups.split(",")]]
+    for dtype, k, n, group in jobs:
+        sel = ms if dtype == torch.float16 else [m for m in ms if m <= 16]
+        finished = sweep(k, n, dtype, sel, rows, deadline, copy_bw, group)
+        Path(args.out).write_text(json.dumps({"copy_GBps": copy_bw, "rows": rows}, indent=1))
+        if not finished:  # the budget is spent: no more weights built for later jobs
+            break
     if args.ptx:
         dump_ptx(Path(args.ptx))
     return 0
