@@ -55,6 +55,18 @@ def read_floor_us(nbytes: int) -> float:
                           for b in bufs])
 
 
+def fixed_configs(configs: str, warps: str) -> dict:
+    """``--configs`` ('WARPS:PAIR[:KNOB=V...];...') and ``--warps`` (W = the config W:2) as
+    {label: triton.Config}."""
+    specs = [c for c in configs.split(";") if c] + [f"{w}:2" for w in warps.split(",") if w]
+    out = {}
+    for spec in specs:
+        wp, pr, *kv = spec.split(":")
+        knobs = {a if a != "MAXNREG" else "maxnreg": int(b) for a, b in (t.split("=") for t in kv)}
+        out["mma_" + spec.replace(":", "_")] = mm._cfg(int(wp), int(pr), **knobs)
+    return out
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -64,7 +76,8 @@ def main() -> None:
     ap.add_argument("--out", default="wq_mma.json")
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--ms", default=",".join(map(str, MS)))
-    ap.add_argument("--warps", default="", help="also time these fixed WARPS configs")
+    ap.add_argument("--warps", default="",
+                    help="also time these WARPS with two slabs per iteration (= --configs W:2)")
     ap.add_argument("--group", type=int, default=128, help="scale group (32, 64, 128, ...)")
     ap.add_argument("--bits", type=int, default=4, choices=[4, 8])
     ap.add_argument("--shapes", default=None, help="KxN,... (default: the five below)")
@@ -81,6 +94,7 @@ def main() -> None:
     if os.path.isdir(args.out):
         args.out = os.path.join(args.out, f"wq_mma_b{args.bits}_g{args.group}.json")
     dt = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    fixed = fixed_configs(args.configs, args.warps)
     torch.manual_seed(0)
     rows = []
     g = args.group
@@ -100,19 +114,11 @@ def main() -> None:
             kern = {}
             if not args.only_configs:
                 kern["mma"] = lambda i: mm.mma_matmul(x, ws[i], outs[i])
-            for spec in [c for c in args.configs.split(";") if c]:
-                wp, pr, *kv = spec.split(":")
-                knobs = {a if a != "MAXNREG" else "maxnreg": int(b)
-                         for a, b in (t.split("=") for t in kv)}
-                cfg = mm._cfg(int(wp), int(pr), **knobs)
-                kern["mma_" + spec.replace(":", "_")] = (
-                    lambda i, cfg=cfg: mm.mma_matmul(x, ws[i], outs[i], config=cfg))
-            for wp in [int(v) for v in args.warps.split(",") if v]:
-                kern[f"mma_w{wp}"] = (lambda i, wp=wp: mm.mma_matmul(x, ws[i], outs[i],
-                                                                     config=mm._cfg(wp)))
-            if m == 1 and g1.can_run(x, ws[0])[0] and not args.only_configs:
-                kern["gemv1"] = lambda i: g1.gemv1(x, ws[i], outs[i])
+            for label, cfg in fixed.items():
+                kern[label] = lambda i, cfg=cfg: mm.mma_matmul(x, ws[i], outs[i], config=cfg)
             if not args.only_configs:
+                if m == 1 and g1.can_run(x, ws[0])[0]:
+                    kern["gemv1"] = lambda i: g1.gemv1(x, ws[i], outs[i])
                 kern["gemv"] = lambda i: gv.gemv(x, ws[i], outs[i])
             row = dict(k=k, n=n, m=m, dtype=args.dtype, group=g, bits=args.bits)
             t_fp16 = graph_time_us([lambda i=i: F.linear(xh, dense[i]) for i in range(ROTATE)])
