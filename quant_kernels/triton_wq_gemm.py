@@ -24,7 +24,8 @@ from .triton_wq_tile import (INTERPRET, SPLITK_MAX_N, autotune_kwargs, check_spl
                              dequant_tile, dequant_tile_fast, fast_dequant_ok, grouped_tile,
                              launch_tuned, load_tile, mma, split_locks, split_range,
                              store_tile, splitk_workspace)
-from .wq_layout import WQWeight, k_tile_ok, m_bucket, num_sms, wide_tile_ok
+from .wq_layout import (WQWeight, check_pinned_k_tile, k_tile_ok, m_bucket, num_sms,
+                        wide_tile_ok)
 
 GEMM_M_CAP = 4096  # autotune buckets above this reuse the 4096 choice
 
@@ -191,6 +192,7 @@ def gemm(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
         check_split_tiles(tiles, meta["SPLIT_K"])
         return (tiles, meta["SPLIT_K"])
     if config is not None:
+        check_pinned_k_tile(config.kwargs, w)
         _wq_gemm_kernel[grid(config.kwargs)](*args, BITS=w.bits, FAST=fast,
                                              **config.all_kwargs())
     else:

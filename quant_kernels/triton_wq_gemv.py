@@ -24,8 +24,8 @@ from .triton_wq_tile import (INTERPRET, SPLITK_MAX_N,  # noqa: F401
                              dequant_tile_fast, fast_dequant_ok, launch_tuned, load_tile,
                              mma, split_locks, split_range, store_tile, splitk_workspace,
                              unpack_unit)
-from .wq_layout import (WQWeight, k_tile_ok, m_bucket, num_sms,  # noqa: F401
-                        wide_tile_ok, widest_k_tiles)
+from .wq_layout import (WQWeight, check_pinned_k_tile, k_tile_ok, m_bucket,  # noqa: F401
+                        num_sms, wide_tile_ok, widest_k_tiles)
 
 DECODE_MAX_M = 16
 
@@ -194,6 +194,7 @@ def run_config(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
     bm = config.kwargs["BLOCK_M"]
     if bm == 1 and m != 1:
         raise ValueError(f"config BLOCK_M=1 (the FMA path) takes M == 1, got M={m}")
+    check_pinned_k_tile(config.kwargs, w)
     ws = splitk_workspace(x.device, m, w.n, [config], config)
     _wq_gemv_kernel[_grid(m, w.n)(config.kwargs)](
         *_args(x, w, out, ws, max(bm, 1)), BITS=w.bits,

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .triton_wq_tile import (INTERPRET, autotune_kwargs, device_fn, launch_tuned,
                              split_range, store_tile, splitk_workspace, split_locks)
-from .wq_layout import WQWeight, k_tile_ok, next_pow2, num_sms
+from .wq_layout import WQWeight, check_pinned_k_tile, k_tile_ok, next_pow2, num_sms
 
 
 def _ptx_word_dot(bf16: bool) -> str:
@@ -271,6 +271,8 @@ def gemv1(x: torch.Tensor, w: WQWeight, out: torch.Tensor,
         nsub = 2 if triton.cdiv(w.k, bk) >= 4 else 1
         config = _cfg1(min(64, max(16, triton.next_power_of_2(w.n))), bk, nsub,
                        2 if triton.cdiv(w.k, bk * nsub) >= 2 else 1)
+    if config is not None:
+        check_pinned_k_tile(config.kwargs, w)
     configs = [config] if config is not None else GEMV1_CONFIGS
     ws = splitk_workspace(x.device, 1, w.n, configs, config)
     args = (x, w.qweight, w.scales, w.bias, out, ws, split_locks(x.device),

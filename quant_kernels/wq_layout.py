@@ -220,6 +220,18 @@ def wide_tile_ok(block_k: int, group: int, n_groups: int, kp: int) -> bool:
             and block_k <= max(32, next_pow2(kp)))
 
 
+def check_pinned_k_tile(kwargs: dict, w: WQWeight) -> None:
+    """A pinned config's K tile (``BLOCK_K``) must lie in one scale group, unless it is
+    WIDE (one scale per packed word).  The autotuners prune the tiles that do not fit; a
+    pinned one that spans groups would scale several groups' columns with one group's
+    scale (silently wrong results, relative error ~0.5-0.9)."""
+    bk = kwargs["BLOCK_K"]
+    if kwargs.get("WIDE") or w.n_groups == 1 or w.group_size % bk == 0:
+        return
+    raise ValueError(f"config BLOCK_K={bk} spans several {w.group_size}-column scale groups "
+                     f"(K={w.k}): use a BLOCK_K that divides {w.group_size}, or WIDE")
+
+
 def widest_k_tiles(group: int, n_groups: int, kp: int) -> set:
     """The decode K tiles worth tuning: the widest that fits (and 128 beside 256)."""
     widest = next(bk for bk in (256, 128, 64, 32) if k_tile_ok(bk, group, n_groups, kp))

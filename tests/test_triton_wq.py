@@ -27,6 +27,7 @@ triton = pytest.importorskip("triton")
 from quant_kernels import triton_wq as tw  # noqa: E402
 from quant_kernels import triton_wq_gemm as gm  # noqa: E402
 from quant_kernels import triton_wq_gemv as gv  # noqa: E402
+from quant_kernels import triton_wq_gemv1 as g1  # noqa: E402
 from quant_kernels.triton_wq import pack_wq, wq_matmul, wq_reference  # noqa: E402
 from tests.ptx_interp import half_value, round16, run_ptx  # noqa: E402
 
@@ -120,6 +121,30 @@ def test_gemm_configs(split, bits):
     cfg = gm._cfg(16, 16, 32, split, gm=2)
     x = torch.randn(50, 100).half()
     check(x, w, out=lambda x, w, o: gm.gemm(x, w, o, config=cfg))
+
+
+@pytest.mark.parametrize("path", ["gemv1", "gemv", "swap", "gemm"])
+def test_pinned_tile_spanning_groups_is_refused(path):
+    """A pinned config whose K tile spans scale groups would read one group's scale for
+    all of them (the autotuners prune such tiles): refused, unless WIDE (a scale per
+    word), which is right."""
+    w = make_weight(17, 256, 32, 4, seed=5)
+    m = {"gemv1": 1, "gemv": 5, "swap": 20, "gemm": 40}[path]
+    x = torch.randn(m, 256).half()
+    run = {"gemv1": lambda cfg, x, w, o: g1.gemv1(x, w, o, config=cfg),
+           "gemv": lambda cfg, x, w, o: gv.gemv(x, w, o, config=cfg),
+           "swap": lambda cfg, x, w, o: gv.run_config(x, w, o, cfg),
+           "gemm": lambda cfg, x, w, o: gm.gemm(x, w, o, config=cfg)}[path]
+    make = {"gemv1": lambda bk, wide: g1._cfg1(32, bk, 1, 1),
+            "gemv": lambda bk, wide: gv._cfg(16, 32, bk, 1, wide=wide),
+            "swap": lambda bk, wide: gv._cfg(32, 32, bk, 1, wide=wide),
+            "gemm": lambda bk, wide: gm._cfg(32, 32, bk, wide=wide)}[path]
+    out = torch.empty(m, 17).half()
+    with pytest.raises(ValueError, match="BLOCK_K=64 spans several 32-column scale groups"):
+        run(make(64, False), x, w, out)
+    check(x, w, out=lambda x, w, o: run(make(32, False), x, w, o))
+    if path != "gemv1":  # no WIDE mode there
+        check(x, w, out=lambda x, w, o: run(make(64, True), x, w, o))
 
 
 @pytest.mark.parametrize("g,bits,perm", [(32, 4, True), ("K", 8, False), (64, 4, False)])
