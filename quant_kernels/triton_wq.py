@@ -10,15 +10,17 @@ Dispatch on M (rows of x after flattening leading dims):
   mma.sync on tensor cores, weights unpacked in registers) or the FMA kernels --
   ``triton_wq_gemv1`` at M = 1 (packed-half dot products in PTX), else ``triton_wq_gemv``
   (split-K when N alone is too few programs) -- whichever is faster, timed once per shape;
-* 16 < M <= 64: the faster of ``triton_wq_gemv.swap`` (the decode kernel with M tiles of
-  32/64) and ``triton_wq_gemm``, timed once per shape;
-* 64 < M < DEQUANT_GEMM_MIN_M: the faster of ``triton_wq_gemm`` (fused dequant tiled
-  GEMM) and the dequantize + cuBLAS path below, timed once per shape and M bucket (on the
-  H100 the fused kernel wins at M = 64-128 for 4-bit groups of 128 and loses 2-3x at
-  M = 256 for groups of 32 and 8-bit weights, whose per-M-tile dequant costs more);
+* 16 < M <= 64: the fastest of ``triton_wq_gemv.swap`` (the decode kernel with M tiles
+  of 32/64), ``triton_wq_gemm`` and, on Hopper, ``gluon_wq_gemm`` (warp-specialized:
+  TMA, dequant and wgmma in separate warps), timed once per shape;
+* 64 < M < DEQUANT_GEMM_MIN_M: the fastest of ``triton_wq_gemm`` (fused dequant tiled
+  GEMM), ``gluon_wq_gemm`` and the dequantize + cuBLAS path below, timed once per shape
+  and M bucket (on the H100 the fused kernels win at M = 64-128 for 4-bit groups of 128
+  and lose 2-3x at M = 256 for groups of 32 and 8-bit weights, whose per-M-tile dequant
+  costs more);
 * M >= DEQUANT_GEMM_MIN_M: dequantize the whole weight once to x.dtype with a Triton
-  kernel, then cuBLAS (its cost is amortized over M rows, and cuBLAS beats the fused
-  kernel's per-M-tile dequant at large M).
+  kernel, then cuBLAS (its cost is amortized over M rows), or on Hopper
+  ``gluon_wq_gemm`` where that is faster, timed once per M bucket up to 4096.
 
 Under torch.compile, ``wq_matmul`` goes through the custom op ``torch.ops.quantrt.wq_matmul``
 (with a fake impl); eager calls launch directly, with the autotuned config cached per weight
@@ -41,6 +43,7 @@ from .wq_layout import (WQWeight, dequantize_wq, m_bucket, pack_wq,  # noqa: F40
                         perm_from_g_idx, unpack_q, wq_reference)
 
 try:
+    from . import gluon_wq_gemm as _ws
     from . import triton_wq_gemm as _gemm
     from . import triton_wq_gemv as _gemv
     from . import triton_wq_gemv1 as _gemv1
@@ -77,13 +80,18 @@ def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.
             fns = {"mma": _mma.mma_matmul, "fma": old}
             return fns[_timed_choice(x, w, out, fns, DECODE_MAX_M, "mma")](x, w, out)
         return old(x, w, out)
+    mid = {"gemm": _gemm.gemm}
+    if _ws.can_run(x, w)[0]:
+        mid["ws"] = _ws.ws_matmul
     if m <= _gemv.SWAP_MAX_M:
-        fns = {"swap": _gemv.swap, "gemm": _gemm.gemm}
-        if _timed_choice(x, w, out, fns, _gemv.SWAP_MAX_M, "gemm") == "swap":
-            return _gemv.swap(x, w, out)
+        fns = {"swap": _gemv.swap, **mid}
+        return fns[_timed_choice(x, w, out, fns, _gemv.SWAP_MAX_M, "gemm")](x, w, out)
     if m < DEQUANT_GEMM_MIN_M:
-        fns = {"gemm": _gemm.gemm, "dense": _dense_permuted}
+        fns = {**mid, "dense": _dense_permuted}
         return fns[_timed_choice(x, w, out, fns, DEQUANT_GEMM_MIN_M, "gemm")](x, w, out)
+    if "ws" in mid:
+        fns = {"ws": _ws.ws_matmul, "dense": _dense_permuted}
+        return fns[_timed_choice(x, w, out, fns, _ws.MAX_M_BUCKET, "dense")](x, w, out)
     return dequant_matmul(x, w, out, permuted=True)
 
 

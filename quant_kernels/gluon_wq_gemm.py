@@ -1,0 +1,382 @@
+"""Warp-specialized dequant GEMM for ``WQWeight`` on Hopper (Gluon): the mid-M kernel.
+
+At M = 128..2048 a 4-bit GEMM on the H100 is compute-bound like cuBLAS, so it has to keep
+the tensor cores as busy as cuBLAS does *and* dequantize.  The Triton kernels
+(``triton_wq_gemm``, and the weight-stationary swap with wgmma's A from registers) do both
+in the same warps, one after the other, and plateau at 0.5-0.6x cuBLAS (BENCHMARKS.md,
+sessions 3 and 7).  Here three groups of warps run side by side on one CTA, handing tiles
+over through a ring of ``STAGES`` shared-memory slots guarded by mbarriers:
+
+* loader (1 warp): TMA copies of the activation tile ``x[BM, BK]``, the packed weight
+  tile ``qweight[BN, BK / pack]`` and the scale and bias rows of the tile's group;
+* dequant (4 warps): packed words -> ``q * s + b`` (fp32 math, rounded once to the
+  activation dtype) -> an fp16/bf16 ``[BN, BK]`` tile in wgmma's swizzled layout;
+* MMA (the kernel's ``num_warps``, 1-2 warpgroups): ``wgmma`` with both operands from
+  shared memory, one tile in flight, releasing each slot when its MMA has retired.
+
+Per slot: ``ready`` (TMA bytes landed), ``dq_ready`` (dequantized tile stored) and
+``empty`` (MMA done: the loader may refill the slot and the dequant warps rewrite it).
+mbarriers start with phase 1 complete, so the first round's waits on ``empty`` pass.
+
+Zero padding does the edges: TMA fills rows >= M and columns >= K of ``x`` with zeros, so
+the padded weight columns (q = 0, w = bias) and the rows past N (masked at the store)
+never reach the result.  Groups must hold whole K tiles (``BK`` = 64); groups of 32
+(GGUF Q4_0/Q4_1) are left to the other kernels.  Gluon does not run under
+``TRITON_INTERPRET``: this kernel is checked by the GPU tests against ``wq_reference``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .wq_layout import WQWeight, m_bucket
+
+try:  # Gluon ships with Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAS_GLUON = True
+except ImportError:  # pragma: no cover - older Triton: the Triton kernels serve all M
+    HAS_GLUON = False
+
+BLOCK_K = 64          # one 128-byte swizzle row of fp16: wgmma's K-major operand tile
+MAX_M_BUCKET = 4096   # tuned picks are kept per power-of-two M bucket up to here
+
+
+@dataclass(frozen=True)
+class WSConfig:
+    """One launch config: ``BM x BN`` output tile, MMA warps, ring depth."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+    def __post_init__(self):
+        if self.block_m not in (64, 128, 256) or self.block_n not in (64, 128):
+            # BN = 256 needs ~154 registers per MMA thread: more than a launch of 16 warps
+            # (the warp-specialized layout) can start with
+            raise ValueError(f"tile {self.block_m}x{self.block_n}: BM in 64/128/256, "
+                             "BN in 64/128")
+        if self.warps not in (4, 8) or self.block_m < 16 * self.warps:
+            raise ValueError(f"{self.warps} MMA warps with BM={self.block_m}: 4 or 8 warps, "
+                             "at least 16 rows each")
+        if not 2 <= self.stages <= 6:
+            raise ValueError(f"stages={self.stages}: 2..6 ring slots")
+
+    def smem_bytes(self, bits: int, elt: int = 2) -> int:
+        per = (self.block_m * BLOCK_K * elt + self.block_n * BLOCK_K * elt
+               + self.block_n * BLOCK_K * bits // 8 + 2 * self.block_n * elt)
+        return self.stages * per + 512   # + barriers and alignment (compiled: < 200)
+
+
+# Candidates timed on a shape's first call (BENCHMARKS.md, session 9, for the sweep).
+CONFIGS = tuple(WSConfig(*c) for c in (
+    (64, 128, 4, 4), (128, 64, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4),
+    (256, 128, 8, 3), (256, 128, 8, 4)))
+SMEM_LIMIT = 227 * 1024   # H100 opt-in shared memory per block
+
+
+# ----------------------------------------------------------------------------- PTX
+# One packed word -> its values in natural K order as 16-bit pairs, ``q * s + b`` rounded
+# once (for gl.inline_asm_elementwise with pack = values per word).  Registers: the pairs
+# out first, then the word (repeated by the broadcast), the (s, s) and (b, b) pairs, and an
+# unused full-width operand that gives the op its shape.  Same "magic number" idea as
+# wq_layout's recipes (a lop3 puts a value under the exponent of 1024.0 / 128.0), but
+# pairing neighbours (2j, 2j + 1), which a K-major shared-memory tile needs: a prmt copies
+# byte j into both halves, so the low half's nibble is value 2j and the high half's value
+# 2j + 1 (16x too high in fp16, fixed by the FMA with (1, 1/16); bf16 has too few
+# mantissa bits for that, so its high half is shifted down first).
+def _ptx_nat(bits: int, bf16: bool) -> str:
+    pairs = 32 // bits // 2
+    w, s, b = f"${pairs}", f"${3 * pairs}", f"${4 * pairs}"
+    body = ["{", ".reg .b32 t, u, mul, add;"]
+    if bits == 8:
+        body.append("mov.b32 mul, 0x3C003C00; mov.b32 add, 0xE400E400;")
+    elif bf16:
+        body.append("mov.b32 mul, 0x3F803F80; mov.b32 add, 0xC300C300;")
+    else:
+        body.append("mov.b32 mul, 0x2C003C00; mov.b32 add, 0xD400E400;")
+    for j in range(pairs):
+        if bits == 8:   # bytes 2j, 2j + 1 under 1024.0
+            body.append(f"prmt.b32 t, {w}, 0, {hex(0x4040 | (2 * j + 1) << 8 | 2 * j)}; "
+                        "lop3.b32 t, t, 0x00FF00FF, 0x64006400, 0xEA; "
+                        f"fma.rn.f16x2 t, t, mul, add; fma.rn.f16x2 ${j}, t, {s}, {b};")
+        elif bf16:      # low nibble of byte j in the low half, high nibble in the high half
+            body.append(f"prmt.b32 t, {w}, 0, {hex(0x4040 | j << 8 | j)}; shr.b32 u, t, 4; "
+                        "prmt.b32 t, t, u, 0x7610; "
+                        "lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA; "
+                        f"fma.rn.bf16x2 t, t, mul, add; fma.rn.bf16x2 ${j}, t, {s}, {b};")
+        else:
+            body.append(f"prmt.b32 t, {w}, 0, {hex(0x4040 | j << 8 | j)}; "
+                        "lop3.b32 t, t, 0x00F0000F, 0x64006400, 0xEA; "
+                        f"fma.rn.f16x2 t, t, mul, add; fma.rn.f16x2 ${j}, t, {s}, {b};")
+    return "\n".join(body + ["}"])
+
+
+def _ptx_constraints(bits: int) -> str:
+    pack = 32 // bits
+    return ",".join(["=r"] * (pack // 2) + ["r"] * (pack + pack // 2 * 2 + pack))
+
+
+# ----------------------------------------------------------------------------- kernel
+if HAS_GLUON:
+    _PTX_F16_U4 = gl.constexpr(_ptx_nat(4, False))
+    _PTX_BF16_U4 = gl.constexpr(_ptx_nat(4, True))
+    _PTX_F16_U8 = gl.constexpr(_ptx_nat(8, False))
+    _PTX_C_U4 = gl.constexpr(_ptx_constraints(4))
+    _PTX_C_U8 = gl.constexpr(_ptx_constraints(8))
+
+    @gluon.jit
+    def _issue_loads(descs, bufs, ready, i, off_m, off_n, group, pred):
+        """TMA copies of K step ``i`` into slot ``i % STAGES`` (skipped where not ``pred``)."""
+        x_desc, w_desc, s_desc, b_desc = descs
+        x_bufs, w_bufs, s_bufs, b_bufs, dq_bufs = bufs
+        STAGES: gl.constexpr = x_bufs.shape[0]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        KW: gl.constexpr = w_desc.block_type.shape[1]
+        NBYTES: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes
+                                + 2 * s_desc.block_type.nbytes)
+        s = i % STAGES
+        bar = ready.index(s)
+        mbarrier.expect(bar, NBYTES, pred=pred)
+        k0 = i * BK
+        tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_bufs.index(s), pred=pred)
+        tma.async_copy_global_to_shared(w_desc, [off_n, i * KW], bar, w_bufs.index(s),
+                                        pred=pred)
+        tma.async_copy_global_to_shared(s_desc, [k0 // group, off_n], bar, s_bufs.index(s),
+                                        pred=pred)
+        tma.async_copy_global_to_shared(b_desc, [k0 // group, off_n], bar, b_bufs.index(s),
+                                        pred=pred)
+
+    @gluon.jit
+    def _load_part(descs, bufs, bars, off_m, off_n, k_iters, group):
+        """Loader warp: refill slot ``i % STAGES`` as soon as the MMA has released it (a
+        warp of its own: issuing the copies from the MMA warps, after each wgmma wait, was
+        10-20% slower at M >= 512, BENCHMARKS.md session 9)."""
+        ready, dq_ready, empty = bars
+        STAGES: gl.constexpr = bufs[0].shape[0]
+        for i in range(k_iters):
+            mbarrier.wait(empty.index(i % STAGES), ((i // STAGES) & 1) ^ 1)
+            _issue_loads(descs, bufs, ready, i, off_m, off_n, group, True)
+
+    @gluon.jit
+    def _dequant_part(descs, bufs, bars, off_m, off_n, k_iters, group):
+        """Dequant warpgroup: packed tile -> ``q * s + b`` -> the MMA's weight tile."""
+        x_desc, w_desc, s_desc, b_desc = descs
+        x_bufs, w_bufs, s_bufs, b_bufs, dq_bufs = bufs
+        ready, dq_ready, empty = bars
+        STAGES: gl.constexpr = x_bufs.shape[0]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        KW: gl.constexpr = w_desc.block_type.shape[1]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        PACK: gl.constexpr = BK // KW
+        BITS: gl.constexpr = 32 // PACK
+        IS_BF16: gl.constexpr = dq_bufs.dtype == gl.bfloat16
+        FAST: gl.constexpr = not (IS_BF16 and BITS == 8)
+        # a thread owns whole words: its PACK values are PACK consecutive K columns, so the
+        # unpacked tile leaves registers as one 16-byte (4-bit) or 8-byte store per word
+        L3: gl.constexpr = gl.BlockedLayout([1, 1, PACK], [32 // KW, KW, 1], [4, 1, 1],
+                                            [2, 1, 0])
+        LW: gl.constexpr = gl.SliceLayout(2, L3)
+        shifts = gl.arange(0, PACK, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))) * BITS
+        shifts = gl.expand_dims(gl.expand_dims(shifts, 0), 0)
+        for i in range(k_iters):
+            s = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(ready.index(s), phase)
+            words = w_bufs.index(s).load(LW)
+            sc = s_bufs.index(s).permute((1, 0)).load(LW)   # [BN, 1]
+            bi = b_bufs.index(s).permute((1, 0)).load(LW)
+            w3, s3, b3 = gl.expand_dims(words, 2), gl.expand_dims(sc, 2), gl.expand_dims(bi, 2)
+            if FAST:   # ~2-3 instructions per value (PTX above)
+                if BITS == 8:
+                    w = gl.inline_asm_elementwise(_PTX_F16_U8, _PTX_C_U8, [w3, s3, b3, shifts],
+                                                  dtype=gl.float16, is_pure=True, pack=PACK)
+                elif IS_BF16:
+                    w = gl.inline_asm_elementwise(_PTX_BF16_U4, _PTX_C_U4, [w3, s3, b3, shifts],
+                                                  dtype=gl.bfloat16, is_pure=True, pack=PACK)
+                else:
+                    w = gl.inline_asm_elementwise(_PTX_F16_U4, _PTX_C_U4, [w3, s3, b3, shifts],
+                                                  dtype=gl.float16, is_pure=True, pack=PACK)
+            else:      # 8-bit bf16 (128 + q is not exact in bf16): fp32 math
+                q = (w3 >> shifts) & ((1 << BITS) - 1)
+                # exact int -> fp32 without I2F: q under the exponent of 2**23
+                qf = (q | 0x4B000000).to(gl.float32, bitcast=True) - 8388608.0
+                w = (qf * s3.to(gl.float32) + b3.to(gl.float32)).to(dq_bufs.dtype)
+            w = gl.reshape(w, [BN, BK])
+            mbarrier.wait(empty.index(s), phase ^ 1)    # the MMA of the last round is done
+            dq_bufs.index(s).store(w)
+            fence_async_shared()   # generic-proxy writes before wgmma / TMA reuse the slot
+            mbarrier.arrive(dq_ready.index(s), count=1)
+
+    @gluon.jit
+    def _mma_part(bufs, bars, k_iters, out_ptr, off_m, off_n, M, N, stride_om,
+                  BM: gl.constexpr, BN: gl.constexpr, num_warps: gl.constexpr):
+        """MMA warps: ``acc += x_tile @ w_tile.T`` per slot, then the masked store."""
+        x_bufs, w_bufs, s_bufs, b_bufs, dq_bufs = bufs
+        ready, dq_ready, empty = bars
+        STAGES: gl.constexpr = x_bufs.shape[0]
+        ACC: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16])
+        acc = gl.zeros([BM, BN], gl.float32, ACC)
+        for i in range(k_iters):
+            s = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(ready.index(s), phase)
+            mbarrier.wait(dq_ready.index(s), phase)
+            acc = warpgroup_mma(x_bufs.index(s), dq_bufs.index(s).permute((1, 0)), acc,
+                                is_async=True)
+            # one MMA in flight: step i - 1 has retired, so its slot is free for the
+            # loader and the dequant warps
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, ACC))
+        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, ACC))
+        ptrs = out_ptr + gl.expand_dims(rows, 1) * stride_om + gl.expand_dims(cols, 0)
+        mask = gl.expand_dims(rows < M, 1) & gl.expand_dims(cols < N, 0)
+        gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit
+    def _wq_ws_kernel(x_desc, w_desc, s_desc, b_desc, out_ptr,   # TMA descriptors, output
+                      M, N, K, group, stride_om,                   # sizes, group, out stride
+                      DQ_LAYOUT: gl.constexpr, STAGES: gl.constexpr, DQ_REGS: gl.constexpr,
+                      num_warps: gl.constexpr):
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        # M tiles fastest: CTAs running together share a weight tile (read once from DRAM)
+        pid = gl.program_id(0)
+        num_m = gl.cdiv(M, BM)
+        off_m = (pid % num_m) * BM
+        off_n = (pid // num_m) * BN
+
+        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape,
+                                           x_desc.layout)
+        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape,
+                                           w_desc.layout)
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES] + s_desc.block_type.shape,
+                                           s_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        dq_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BN, BK], DQ_LAYOUT)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        dq_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(dq_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+
+        descs = (x_desc, w_desc, s_desc, b_desc)
+        bufs = (x_bufs, w_bufs, s_bufs, b_bufs, dq_bufs)
+        bars = (ready, dq_ready, empty)
+        k_iters = gl.cdiv(K, BK)
+        worker_args = (descs, bufs, bars, off_m, off_n, k_iters, group)
+        gl.warp_specialize([
+            (_mma_part, (bufs, bars, k_iters, out_ptr, off_m, off_n, M, N, stride_om, BM, BN,
+                         num_warps)),
+            (_load_part, worker_args),
+            (_dequant_part, worker_args),
+        ], [1, 4], [24, DQ_REGS])
+
+
+# ----------------------------------------------------------------------------- host
+def _capability(device) -> tuple:
+    return torch.cuda.get_device_capability(device)
+
+
+def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
+    """Whether this kernel takes (x, w), and why not."""
+    if w.bits not in (4, 8):
+        return False, f"{w.bits}-bit weight (4- or 8-bit only)"
+    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return False, f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
+    if w.n_groups > 1 and w.group_size % BLOCK_K:
+        return False, f"group {w.group_size}: a {BLOCK_K}-column K tile must lie in one group"
+    if (w.kp * w.bits // 8) % 16 or w.n % 8:
+        return False, f"K={w.kp} / N={w.n}: TMA needs 16-byte rows (K % 32, N % 8)"
+    qw, sc, bi = w.qweight, w.scales, w.bias
+    if qw.stride(1) != 1 or qw.data_ptr() % 16:
+        return False, "packed weight rows not 16-byte aligned"
+    for t in (sc, bi):
+        # [N, Gn] group-major; a size-1 dim's stride is arbitrary (torch sets 1)
+        if t.stride(0) != 1 or (w.n_groups > 1 and t.stride(1) != w.n) or t.data_ptr() % 16:
+            return False, "scales/bias not group-major and 16-byte aligned"
+    if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16 or w.k % 8:
+        return False, "activation rows not contiguous and 16-byte aligned (K % 8)"
+    if not HAS_GLUON:
+        return False, "this Triton has no Gluon (triton.experimental.gluon, Triton >= 3.5)"
+    if not x.is_cuda:
+        return False, "Gluon kernels need a CUDA device (no TRITON_INTERPRET)"
+    if _capability(x.device) != (9, 0):
+        return False, "needs sm_90 (Hopper wgmma and TMA)"
+    return True, ""
+
+
+def _fits(cfg: WSConfig, w: WQWeight) -> bool:
+    return cfg.smem_bytes(w.bits) <= SMEM_LIMIT
+
+
+def launch_args(x: torch.Tensor, w: WQWeight, out: torch.Tensor, cfg: WSConfig):
+    """(grid, positional args, keyword args) of one launch with ``cfg``."""
+    m, gdt = x.shape[0], _GL_DTYPES[x.dtype]
+    bm, bn = cfg.block_m, cfg.block_n
+    kw = BLOCK_K * w.bits // 32
+    x_desc = TensorDescriptor.from_tensor(
+        x, [bm, BLOCK_K], gl.NVMMASharedLayout.get_default_for([bm, BLOCK_K], gdt))
+    w_desc = TensorDescriptor.from_tensor(
+        w.qweight, [bn, kw], gl.NVMMASharedLayout.get_default_for([bn, kw], gl.int32))
+    row = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    s_desc, b_desc = (TensorDescriptor(t, [w.n_groups, w.n], [w.n, 1], [1, bn], row)
+                      for t in (w.scales, w.bias))
+    dq_layout = gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gdt)
+    grid = (triton_cdiv(m, bm) * triton_cdiv(w.n, bn),)
+    args = (x_desc, w_desc, s_desc, b_desc, out, m, w.n, w.k, w.group_size, out.stride(0),
+            dq_layout, cfg.stages, DQ_REGS)
+    return grid, args, {"num_warps": cfg.warps, "maxnreg": _maxnreg(cfg)}
+
+
+def launch(x: torch.Tensor, w: WQWeight, out: torch.Tensor, cfg: WSConfig) -> torch.Tensor:
+    """One launch with ``cfg`` (no checks beyond the descriptors': call ``can_run``)."""
+    grid, args, kwargs = launch_args(x, w, out, cfg)
+    _wq_ws_kernel[grid](*args, **kwargs)
+    return out
+
+
+DQ_REGS = 128   # registers per dequant thread (a tile's 8 words, their values, addresses)
+
+
+def _maxnreg(cfg: WSConfig) -> int:
+    # every warp is allocated at launch (registers go by warpgroup): the MMA warps, the
+    # loader's and the dequant warpgroups; inside, setmaxnreg hands the MMA warps what the
+    # loader and dequant warps do not use
+    return min(256, (65536 // ((cfg.warps + 8) * 32)) // 8 * 8)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+if HAS_GLUON:
+    _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+
+
+def ws_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` into ``out`` with the config tuned for this shape's M bucket: every
+    fitting candidate timed under graph replay on the first call (``w.plans``)."""
+    from .triton_wq_tile import graph_time
+    key = ("ws", m_bucket(x.shape[0], MAX_M_BUCKET), x.dtype)
+    cfg = w.plans.get(key)
+    if cfg is None:
+        cands = [c for c in CONFIGS if _fits(c, w)]
+        if torch.cuda.is_current_stream_capturing():
+            cfg = cands[0]
+        else:
+            times = {c: graph_time(lambda c=c: launch(x, w, out, c)) for c in cands}
+            cfg = w.plans[key] = min(times, key=times.get)
+    return launch(x, w, out, cfg)

@@ -1,0 +1,119 @@
+"""quant_kernels.gluon_wq_gemm (the warp-specialized mid-M GEMM) against wq_reference.
+
+Gluon kernels do not run under TRITON_INTERPRET: on the CPU these tests check the config
+validation and ``can_run``'s refusals; the ``gpu`` tests run every config on odd shapes
+(rows past M and N, K not a multiple of the 64-column tile, one and several M/N tiles),
+every group size the kernel takes, 4/8-bit, fp16/bf16, into NaN-poisoned outputs.
+Tolerance as in test_triton_wq (||out - ref|| / ||ref||: 2e-3 fp16, 1e-2 bf16).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant_kernels import gluon_wq_gemm as ws
+from tests.test_triton_wq import TOL, make_weight, rel_err
+from quant_kernels.wq_layout import wq_reference
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not (CUDA and ws.HAS_GLUON and torch.cuda.get_device_capability()
+                              == (9, 0)), reason="needs an sm_90 GPU and Gluon")
+
+
+@pytest.mark.parametrize("args,match", [
+    ((96, 128, 4, 4), "BM in"), ((128, 32, 4, 4), "BN in"), ((128, 256, 8, 3), "BN in"),
+    ((64, 128, 8, 4), "at least 16 rows"), ((128, 128, 2, 4), "4 or 8 warps"),
+    ((128, 128, 4, 1), "ring slots")])
+def test_config_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        ws.WSConfig(*args)
+
+
+def test_shared_memory_budget():
+    # every candidate fits at 4 and 8 bits; a deeper ring is skipped, not launched to fail
+    for bits in (4, 8):
+        w = make_weight(8, 128, 128, bits)
+        assert all(ws._fits(cfg, w) for cfg in ws.CONFIGS)
+        assert not ws._fits(ws.WSConfig(256, 128, 8, 5), w)
+    assert ws.WSConfig(128, 128, 4, 4).smem_bytes(4) == 4 * (16384 + 16384 + 4096 + 512) + 512
+
+
+@pytest.mark.parametrize("n,k,g,bits,dtype,match", [
+    (64, 128, 32, 4, torch.float16, "group 32"),                  # GGUF Q4_0-style groups
+    (20, 128, 128, 4, torch.float16, "N % 8"),                    # TMA row alignment
+    (64, 136, "K", 4, torch.float16, "K % 32"),
+    (64, 128, 128, 4, torch.bfloat16, None),                      # fine, but on the CPU
+])
+def test_can_run_refusals(n, k, g, bits, dtype, match):
+    w = make_weight(n, k, g, bits, dtype=dtype)
+    x = torch.randn(3, k, dtype=dtype)
+    ok, why = ws.can_run(x, w)
+    assert not ok
+    if match is not None:
+        assert match in why
+    else:
+        assert "CUDA" in why or "Gluon" in why
+    ok, why = ws.can_run(x.float(), w)
+    assert not ok and "fp16 or bf16" in why
+
+
+def run(x, w, cfg):
+    out = torch.full((x.shape[0], w.n), float("nan"), dtype=x.dtype, device=x.device)
+    ws.launch(x, w, out, cfg)
+    assert not torch.isnan(out).any(), "output elements left unwritten"
+    return rel_err(out, wq_reference(x, w))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("cfg", ws.CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}w{c.warps}s{c.stages}")
+@pytest.mark.parametrize("m,n,k", [(1, 136, 320), (77, 264, 1000), (300, 520, 2112)])
+def test_configs(cfg, m, n, k):
+    g = 64 if k % 128 else 128
+    w = make_weight(n, k, g, 4, device="cuda", seed=m + n + k)
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    assert run(x, w, cfg) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [64, 128, 256, "K"])
+@pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (4, torch.bfloat16),
+                                        (8, torch.float16), (8, torch.bfloat16)])
+def test_groups_bits_dtypes(g, bits, dtype):
+    m, n, k = 200, 392, 1536
+    w = make_weight(n, k, g, bits, dtype=dtype, device="cuda", seed=bits + k)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    for cfg in (ws.CONFIGS[0], ws.CONFIGS[-1]):
+        assert run(x, w, cfg) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@gpu
+def test_ws_matmul_tunes_once_per_bucket():
+    w = make_weight(256, 512, 128, 4, device="cuda", seed=5)
+    x = torch.randn(130, 512, dtype=torch.float16, device="cuda")
+    out = torch.empty(130, 256, dtype=torch.float16, device="cuda")
+    ws.ws_matmul(x, w, out)
+    picks = [v for key, v in w.plans.items() if key[0] == "ws"]
+    assert len(picks) == 1 and picks[0] in ws.CONFIGS
+    assert rel_err(out, wq_reference(x, w)) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@gpu
+def test_dispatch_act_order_under_graph(monkeypatch):
+    # wq_matmul's mid-M path with this kernel forced: act-order columns permuted first,
+    # launched from a CUDA graph after the eager (tuning) call
+    from quant_kernels import triton_wq as tw
+    monkeypatch.setattr(tw, "_timed_choice", lambda x, w, out, fns, cap, fallback:
+                        "ws" if "ws" in fns else fallback)
+    w = make_weight(384, 1024, 128, 4, perm=True, device="cuda", seed=9)
+    x = torch.randn(300, 1024, dtype=torch.float16, device="cuda")
+    tw.wq_matmul(x, w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = tw.wq_matmul(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert rel_err(y, wq_reference(x, w)) < TOL[torch.float16]
