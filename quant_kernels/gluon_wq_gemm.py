@@ -9,8 +9,9 @@ over through a ring of ``STAGES`` shared-memory slots guarded by mbarriers:
 
 * loader (1 warp): TMA copies of the activation tile ``x[BM, BK]``, the packed weight
   tile ``qweight[BN, BK / pack]`` and the scale and bias rows of the tile's group;
-* dequant (4 warps): packed words -> ``q * s + b`` (fp32 math, rounded once to the
-  activation dtype) -> an fp16/bf16 ``[BN, BK]`` tile in wgmma's swizzled layout;
+* dequant (4 warps): packed words -> ``q * s + b`` (magic-number PTX on fp16/bf16 pairs,
+  ~2 instructions per value, rounded once; fp32 math for 8-bit bf16) -> an fp16/bf16
+  ``[BN, BK]`` tile in wgmma's swizzled layout;
 * MMA (the kernel's ``num_warps``, 1-2 warpgroups): ``wgmma`` with both operands from
   shared memory, one tile in flight, releasing each slot when its MMA has retired.
 
@@ -290,32 +291,41 @@ def _capability(device) -> tuple:
     return torch.cuda.get_device_capability(device)
 
 
-def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
-    """Whether this kernel takes (x, w), and why not."""
+def weight_refusal(w: WQWeight, device) -> str:
+    """Why this kernel cannot take weight ``w`` on ``device`` ("" if it can): the checks
+    that do not depend on the activations (``inspect`` shows them)."""
     if w.bits not in (4, 8):
-        return False, f"{w.bits}-bit weight (4- or 8-bit only)"
-    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
-        return False, f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
+        return f"{w.bits}-bit weight (4- or 8-bit only)"
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        return f"scales in {w.dtype} (fp16 or bf16)"
     if w.n_groups > 1 and w.group_size % BLOCK_K:
-        return False, f"group {w.group_size}: a {BLOCK_K}-column K tile must lie in one group"
+        return f"group {w.group_size}: a {BLOCK_K}-column K tile must lie in one group"
     if (w.kp * w.bits // 8) % 16 or w.n % 8:
-        return False, f"K={w.kp} / N={w.n}: TMA needs 16-byte rows (K % 32, N % 8)"
-    qw, sc, bi = w.qweight, w.scales, w.bias
-    if qw.stride(1) != 1 or qw.data_ptr() % 16:
-        return False, "packed weight rows not 16-byte aligned"
-    for t in (sc, bi):
+        return f"K={w.kp} / N={w.n}: TMA needs 16-byte rows (K % 32, N % 8)"
+    if w.qweight.stride(1) != 1 or w.qweight.data_ptr() % 16:
+        return "packed weight rows not 16-byte aligned"
+    for t in (w.scales, w.bias):
         # [N, Gn] group-major; a size-1 dim's stride is arbitrary (torch sets 1)
         if t.stride(0) != 1 or (w.n_groups > 1 and t.stride(1) != w.n) or t.data_ptr() % 16:
-            return False, "scales/bias not group-major and 16-byte aligned"
+            return "scales/bias not group-major and 16-byte aligned"
+    if not HAS_GLUON:
+        return "this Triton has no Gluon (triton.experimental.gluon, Triton >= 3.5)"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "Gluon kernels need a CUDA device (no TRITON_INTERPRET)"
+    if _capability(device) != (9, 0):
+        return "needs sm_90 (Hopper wgmma and TMA)"
+    return ""
+
+
+def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
+    """Whether this kernel takes (x, w), and why not."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return False, f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
     if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16 or w.k % 8:
         return False, "activation rows not contiguous and 16-byte aligned (K % 8)"
-    if not HAS_GLUON:
-        return False, "this Triton has no Gluon (triton.experimental.gluon, Triton >= 3.5)"
-    if not x.is_cuda:
-        return False, "Gluon kernels need a CUDA device (no TRITON_INTERPRET)"
-    if _capability(x.device) != (9, 0):
-        return False, "needs sm_90 (Hopper wgmma and TMA)"
-    return True, ""
+    why = weight_refusal(w, x.device)
+    return not why, why
 
 
 def _fits(cfg: WSConfig, w: WQWeight) -> bool:
@@ -368,7 +378,9 @@ if HAS_GLUON:
 
 def ws_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` into ``out`` with the config tuned for this shape's M bucket: every
-    fitting candidate timed under graph replay on the first call (``w.plans``)."""
+    fitting candidate timed under graph replay on the first call (``w.plans``).  A first
+    call inside a CUDA-graph capture cannot time: it takes the first candidate, untuned
+    (run each M bucket eagerly before capturing, as the engine does)."""
     from .triton_wq_tile import graph_time
     key = ("ws", m_bucket(x.shape[0], MAX_M_BUCKET), x.dtype)
     cfg = w.plans.get(key)

@@ -117,3 +117,11 @@ def test_dispatch_act_order_under_graph(monkeypatch):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert rel_err(y, wq_reference(x, w)) < TOL[torch.float16]
+
+
+def test_inspect_names_the_mid_m_kernel():
+    # TritonWQKernel's choice name (shown by `quantrt inspect`) says why the Gluon GEMM is
+    # refused for M > 16; on the CPU it always is
+    from quantrt.quant.int_kernels import _mid_m_kernel
+    assert "group 32: a 64-column K tile" in _mid_m_kernel([make_weight(64, 256, 32, 4)], "cpu")
+    assert "need a CUDA device" in _mid_m_kernel([make_weight(64, 256, 128, 4)], "cpu")

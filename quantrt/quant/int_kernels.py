@@ -67,6 +67,16 @@ class _PieceKernel(PackedKernel):
         return torch.cat([self._run(x, p) for p in self.parts], dim=-1)
 
 
+def _mid_m_kernel(parts, device) -> str:
+    """Which GEMM serves M > 16 besides the Triton ones, or why the Gluon one is refused."""
+    from quant_kernels import gluon_wq_gemm
+
+    whys = {gluon_wq_gemm.weight_refusal(w, device) for w in parts} - {""}
+    if not whys:
+        return "timed against the Gluon warp-specialized GEMM"
+    return "Triton GEMMs (Gluon warp-specialized GEMM refused: " + "; ".join(sorted(whys)) + ")"
+
+
 class TritonWQKernel(_PieceKernel):
     """Fused Triton dequant-matmul (GEMV / split-K for decode, tiled GEMM for prefill)."""
 
@@ -104,6 +114,7 @@ class TritonWQKernel(_PieceKernel):
             wbits = 4 if bits <= 4 else 8
             self.parts.append(pack_wq(q.to(device), s.to(device), (-z * s).to(device),
                                       group, wbits, perm, dtype=layer.params_dtype))
+        self.choice_name = f"{self.name}; M > 16: {_mid_m_kernel(self.parts, device)}"
 
     def _run(self, x, w):
         from quant_kernels.triton_wq import wq_matmul

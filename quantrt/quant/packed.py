@@ -208,7 +208,9 @@ class PackedLinearMethod(LinearMethod):
                 else [t for w in (getattr(layer, "tp_ints", None) or ())
                       for t in (w.q, w.scales, w.zeros, w.g_idx) if t is not None])
         layer.kernel_tensors = kept + layer.packed_kernel.tensors()
-        layer.kernel_choice = KernelChoice(kernel_cls.name, tuple(refused))
+        # a kernel may name its own inner choice (e.g. which GEMM serves prefill)
+        name = getattr(layer.packed_kernel, "choice_name", kernel_cls.name)
+        layer.kernel_choice = KernelChoice(name, tuple(refused))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
