@@ -1,7 +1,7 @@
 """quant_kernels.gluon_wq_gemm (the warp-specialized mid-M GEMM) against wq_reference.
 
 Gluon kernels do not run under TRITON_INTERPRET: on the CPU these tests check the config
-validation and ``can_run``'s refusals; the ``gpu`` tests run every config on odd shapes
+validation, ``can_run``'s refusals and the dequant PTX (tests/ptx_interp); the ``gpu`` tests run every config on odd shapes
 (rows past M and N, K not a multiple of the 64-column tile, one and several M/N tiles),
 every group size the kernel takes, 4/8-bit, fp16/bf16, into NaN-poisoned outputs.
 Tolerance as in test_triton_wq (||out - ref|| / ||ref||: 2e-3 fp16, 1e-2 bf16).
@@ -125,3 +125,28 @@ def test_inspect_names_the_mid_m_kernel():
     from quantrt.quant.int_kernels import _mid_m_kernel
     assert "group 32: a 64-column K tile" in _mid_m_kernel([make_weight(64, 256, 32, 4)], "cpu")
     assert "need a CUDA device" in _mid_m_kernel([make_weight(64, 256, 128, 4)], "cpu")
+
+
+@pytest.mark.parametrize("bits,kind", [(4, "f16"), (4, "bf16"), (8, "f16")])
+def test_ptx_natural_order_recipes(bits, kind):
+    # the dequant warps' PTX on the CPU (tests/ptx_interp): one word's values in natural
+    # K order, pair j = values (2j, 2j + 1), each q * s + b rounded once; the register
+    # numbering follows the constraint string's operand count
+    import numpy as np
+    from tests.ptx_interp import half_value, round16, run_ptx
+    asm, pack = ws._ptx_nat(bits, kind == "bf16"), 32 // bits
+    assert len(ws._ptx_constraints(bits).split(",")) == pack // 2 + 3 * pack
+    rng = np.random.default_rng(bits + len(kind))
+    for _ in range(200):
+        q = rng.integers(0, 1 << bits, pack)
+        sc = round16(rng.uniform(1e-3, 0.1), kind)
+        bi = round16(rng.uniform(-1, 1), kind)
+        regs = {f"${pack // 2 + i}": sum(int(v) << bits * j for j, v in enumerate(q))
+                for i in range(pack)}                       # the word, broadcast
+        regs.update({f"${3 * pack // 2 + i}": sc | sc << 16 for i in range(pack // 2)})
+        regs.update({f"${2 * pack + i}": bi | bi << 16 for i in range(pack // 2)})
+        regs = run_ptx(asm, regs)
+        for j in range(pack // 2):
+            want = [round16(q[p] * half_value(sc, kind) + half_value(bi, kind), kind)
+                    for p in (2 * j, 2 * j + 1)]
+            assert regs[f"${j}"] == want[0] | want[1] << 16, (j, q)
