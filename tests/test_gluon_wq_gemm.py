@@ -1,9 +1,10 @@
 """quant_kernels.gluon_wq_gemm (the warp-specialized mid-M GEMM) against wq_reference.
 
 Gluon kernels do not run under TRITON_INTERPRET: on the CPU these tests check the config
-validation, ``can_run``'s refusals and the dequant PTX (tests/ptx_interp); the ``gpu`` tests run every config on odd shapes
-(rows past M and N, K not a multiple of the 64-column tile, one and several M/N tiles),
-every group size the kernel takes, 4/8-bit, fp16/bf16, into NaN-poisoned outputs.
+validation, ``can_run``'s refusals and the dequant PTX (tests/ptx_interp); the ``gpu``
+tests run every config on odd shapes (rows past M and N, K not a multiple of the
+64-column tile, one and several M/N tiles), every group size the kernel takes, 4/8-bit,
+fp16/bf16, into NaN-poisoned outputs.
 Tolerance as in test_triton_wq (||out - ref|| / ||ref||: 2e-3 fp16, 1e-2 bf16).
 """
 from __future__ import annotations
