@@ -5,6 +5,7 @@ per config, against cuBLAS fp16/bf16 ``F.linear``, dequantize + cuBLAS and (``--
     PYTHONPATH=. python scripts/bench_wq_ws.py [--shapes 8192x8192,4096x4096] \
         [--ms 64,128,256,512,1024,2048,4096] [--format int4-g128] [--dtype fp16] \
         [--auto] [--out ws.json]
+    ncu ... python scripts/bench_wq_ws.py --shapes 8192x8192 --ms 256 --probe 128x128w4s4
 
 Every config's output is first checked against ``wq_reference`` in a NaN-poisoned buffer
 (relative error printed; a config above the tests' tolerance is reported and not timed).
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--auto", action="store_true", help="also time wq_matmul as dispatched")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--probe", default=None, metavar="BMxBNwWsS",
+                    help="for ncu: launch only this config 3 times on the first shape and M")
     args = ap.parse_args()
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     bits, group, act = FORMATS[args.format]
@@ -61,6 +64,9 @@ def main() -> None:
         raise SystemExit("act-order formats: time the unpermuted one (the kernel is the same)")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}, {args.format} {args.dtype}")
+    if args.probe:
+        probe(args, dtype, bits, group)
+        return
     rows = []
     for shape in args.shapes.split(","):
         k, n = map(int, shape.split("x"))
@@ -117,6 +123,22 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+def probe(args, dtype, bits, group) -> None:
+    """Three launches of one config (``--probe 128x128w4s4``), e.g. under ncu -s 2 -c 1."""
+    k, n = map(int, args.shapes.split(",")[0].split("x"))
+    m = int(args.ms.split(",")[0])
+    tile, rest = args.probe.split("w")
+    warps, stages = map(int, rest.split("s"))
+    cfg = ws.WSConfig(*map(int, tile.split("x")), warps, stages)
+    w = random_weight(n, k, group, bits, dtype, seed=0)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    out = torch.empty(m, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        ws.launch(x, w, out, cfg)
+    torch.cuda.synchronize()
+    print(f"{args.probe}: {k}x{n} M={m}, rel. error {rel_err(out, wq_reference(x, w)):.2e}")
 
 
 if __name__ == "__main__":
