@@ -158,12 +158,15 @@ def test_gpu_mid_m_choice(m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,g,bits", [(100, 128, 4), (256, 32, 4), (300, 32, 8)])
 def test_gpu_gemm_or_dense_choice(m, g, bits):
-    """64 < M < DEQUANT_GEMM_MIN_M: the fused GEMM or dequantize + cuBLAS, whichever is
-    faster, timed once; either way the result is right."""
+    """64 < M < DEQUANT_GEMM_MIN_M: the fused GEMM (and on Hopper, for groups of 64+, the
+    Gluon one) or dequantize + cuBLAS, whichever is faster, timed once; either way the
+    result is right."""
+    from quant_kernels import gluon_wq_gemm
     w = make_weight(4096, 4096, g, bits, device="cuda", seed=m)
     x = torch.randn(m, 4096, dtype=torch.float16, device="cuda")
     assert rel_err(tw.wq_matmul(x, w), tw.wq_reference(x, w)) < TOL[torch.float16]
-    assert any(k[0] == ("gemm", "dense") for k in tw._CHOICE)
+    fns = ("gemm", "ws", "dense") if gluon_wq_gemm.can_run(x, w)[0] else ("gemm", "dense")
+    assert any(k[0] == fns for k in tw._CHOICE)
 
 
 # K tiles of 128 spanning several groups of 32/64 (WIDE: a scale per packed word), in the
