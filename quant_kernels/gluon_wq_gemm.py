@@ -27,13 +27,15 @@ never reach the result.  Groups must hold whole K tiles (``BK`` = 64); groups of
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from .wq_layout import WQWeight, m_bucket
+from .wq_layout import WQWeight
 
 try:  # Gluon ships with Triton >= 3.5
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -67,6 +69,22 @@ class WSConfig:
                              "at least 16 rows each")
         if not 2 <= self.stages <= 6:
             raise ValueError(f"stages={self.stages}: 2..6 ring slots")
+
+    @property
+    def label(self) -> str:
+        return f"{self.block_m}x{self.block_n}w{self.warps}s{self.stages}"
+
+    @classmethod
+    def from_label(cls, label: str) -> "WSConfig":
+        """The config ``label`` names (``128x128w4s4``)."""
+        try:
+            tile, rest = label.split("w")
+            bm, bn = map(int, tile.split("x"))
+            warps, stages = map(int, rest.split("s"))
+        except ValueError:
+            raise ValueError(f"config label {label!r}: expected BMxBNw<warps>s<stages>, "
+                             "e.g. 128x128w4s4") from None
+        return cls(bm, bn, warps, stages)
 
     def smem_bytes(self, bits: int, elt: int = 2) -> int:
         per = (self.block_m * BLOCK_K * elt + self.block_n * BLOCK_K * elt
@@ -132,37 +150,28 @@ if HAS_GLUON:
     _PTX_C_U8 = gl.constexpr(_ptx_constraints(8))
 
     @gluon.jit
-    def _issue_loads(descs, bufs, ready, i, off_m, off_n, group, pred):
-        """TMA copies of K step ``i`` into slot ``i % STAGES`` (skipped where not ``pred``)."""
+    def _load_part(descs, bufs, bars, off_m, off_n, k_iters, group):
+        """Loader warp: refill slot ``i % STAGES`` with K step ``i`` as soon as the MMA has
+        released it (a warp of its own: issuing the copies from the MMA warps, after each
+        wgmma wait, was 10-20% slower at M >= 512, BENCHMARKS.md session 9)."""
         x_desc, w_desc, s_desc, b_desc = descs
         x_bufs, w_bufs, s_bufs, b_bufs, dq_bufs = bufs
+        ready, dq_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
         KW: gl.constexpr = w_desc.block_type.shape[1]
         NBYTES: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes
                                 + 2 * s_desc.block_type.nbytes)
-        s = i % STAGES
-        bar = ready.index(s)
-        mbarrier.expect(bar, NBYTES, pred=pred)
-        k0 = i * BK
-        tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_bufs.index(s), pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [off_n, i * KW], bar, w_bufs.index(s),
-                                        pred=pred)
-        tma.async_copy_global_to_shared(s_desc, [k0 // group, off_n], bar, s_bufs.index(s),
-                                        pred=pred)
-        tma.async_copy_global_to_shared(b_desc, [k0 // group, off_n], bar, b_bufs.index(s),
-                                        pred=pred)
-
-    @gluon.jit
-    def _load_part(descs, bufs, bars, off_m, off_n, k_iters, group):
-        """Loader warp: refill slot ``i % STAGES`` as soon as the MMA has released it (a
-        warp of its own: issuing the copies from the MMA warps, after each wgmma wait, was
-        10-20% slower at M >= 512, BENCHMARKS.md session 9)."""
-        ready, dq_ready, empty = bars
-        STAGES: gl.constexpr = bufs[0].shape[0]
         for i in range(k_iters):
-            mbarrier.wait(empty.index(i % STAGES), ((i // STAGES) & 1) ^ 1)
-            _issue_loads(descs, bufs, ready, i, off_m, off_n, group, True)
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, NBYTES)
+            k0 = i * BK
+            tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_bufs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [off_n, i * KW], bar, w_bufs.index(s))
+            tma.async_copy_global_to_shared(s_desc, [k0 // group, off_n], bar, s_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [k0 // group, off_n], bar, b_bufs.index(s))
 
     @gluon.jit
     def _dequant_part(descs, bufs, bars, off_m, off_n, k_iters, group):
@@ -287,10 +296,6 @@ if HAS_GLUON:
 
 
 # ----------------------------------------------------------------------------- host
-def _capability(device) -> tuple:
-    return torch.cuda.get_device_capability(device)
-
-
 def weight_refusal(w: WQWeight, device) -> str:
     """Why this kernel cannot take weight ``w`` on ``device`` ("" if it can): the checks
     that do not depend on the activations (``inspect`` shows them)."""
@@ -313,7 +318,7 @@ def weight_refusal(w: WQWeight, device) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         return "Gluon kernels need a CUDA device (no TRITON_INTERPRET)"
-    if _capability(device) != (9, 0):
+    if torch.cuda.get_device_capability(device) != (9, 0):
         return "needs sm_90 (Hopper wgmma and TMA)"
     return ""
 
@@ -332,22 +337,38 @@ def _fits(cfg: WSConfig, w: WQWeight) -> bool:
     return cfg.smem_bytes(w.bits) <= SMEM_LIMIT
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block: tuple, dtype):
+    """wgmma/TMA's swizzled layout of a ``block`` tile (immutable: built once per shape)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
+
+
+def _weight_descs(w: WQWeight, bn: int) -> tuple:
+    """TMA descriptors of the packed words, scales and biases for ``BN``-row tiles, built
+    once per weight (``w.plans``): they do not change between calls, and building them is
+    ~45 of the ~60 us of Python a launch otherwise costs."""
+    key = ("ws-descs", bn)
+    descs = w.plans.get(key)
+    if descs is None:
+        kw = BLOCK_K * w.bits // 32
+        w_desc = TensorDescriptor.from_tensor(w.qweight, [bn, kw],
+                                              _smem_layout((bn, kw), gl.int32))
+        row = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+        s_desc, b_desc = (TensorDescriptor(t, [w.n_groups, w.n], [w.n, 1], [1, bn], row)
+                          for t in (w.scales, w.bias))
+        descs = w.plans[key] = (w_desc, s_desc, b_desc)
+    return descs
+
+
 def launch_args(x: torch.Tensor, w: WQWeight, out: torch.Tensor, cfg: WSConfig):
     """(grid, positional args, keyword args) of one launch with ``cfg``."""
     m, gdt = x.shape[0], _GL_DTYPES[x.dtype]
     bm, bn = cfg.block_m, cfg.block_n
-    kw = BLOCK_K * w.bits // 32
-    x_desc = TensorDescriptor.from_tensor(
-        x, [bm, BLOCK_K], gl.NVMMASharedLayout.get_default_for([bm, BLOCK_K], gdt))
-    w_desc = TensorDescriptor.from_tensor(
-        w.qweight, [bn, kw], gl.NVMMASharedLayout.get_default_for([bn, kw], gl.int32))
-    row = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    s_desc, b_desc = (TensorDescriptor(t, [w.n_groups, w.n], [w.n, 1], [1, bn], row)
-                      for t in (w.scales, w.bias))
-    dq_layout = gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gdt)
-    grid = (triton_cdiv(m, bm) * triton_cdiv(w.n, bn),)
+    x_desc = TensorDescriptor.from_tensor(x, [bm, BLOCK_K], _smem_layout((bm, BLOCK_K), gdt))
+    w_desc, s_desc, b_desc = _weight_descs(w, bn)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(w.n, bn),)
     args = (x_desc, w_desc, s_desc, b_desc, out, m, w.n, w.k, w.group_size, out.stride(0),
-            dq_layout, cfg.stages, DQ_REGS)
+            _smem_layout((bn, BLOCK_K), gdt), cfg.stages, DQ_REGS)
     return grid, args, {"num_warps": cfg.warps, "maxnreg": _maxnreg(cfg)}
 
 
@@ -368,27 +389,17 @@ def _maxnreg(cfg: WSConfig) -> int:
     return min(256, (65536 // ((cfg.warps + 8) * 32)) // 8 * 8)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 if HAS_GLUON:
     _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
 def ws_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` into ``out`` with the config tuned for this shape's M bucket: every
-    fitting candidate timed under graph replay on the first call (``w.plans``).  A first
-    call inside a CUDA-graph capture cannot time: it takes the first candidate, untuned
-    (run each M bucket eagerly before capturing, as the engine does)."""
-    from .triton_wq_tile import graph_time
-    key = ("ws", m_bucket(x.shape[0], MAX_M_BUCKET), x.dtype)
-    cfg = w.plans.get(key)
-    if cfg is None:
-        cands = [c for c in CONFIGS if _fits(c, w)]
-        if torch.cuda.is_current_stream_capturing():
-            cfg = cands[0]
-        else:
-            times = {c: graph_time(lambda c=c: launch(x, w, out, c)) for c in cands}
-            cfg = w.plans[key] = min(times, key=times.get)
-    return launch(x, w, out, cfg)
+    fitting candidate timed on the first call (``triton_wq_tile.timed_choice``, the same
+    cache as ``wq_matmul``'s kernel choices).  A first call inside a CUDA-graph capture
+    cannot time: it takes the first candidate, untuned (run each M bucket eagerly before
+    capturing, as the engine does)."""
+    from .triton_wq_tile import timed_choice
+    fns = {c.label: functools.partial(launch, cfg=c) for c in CONFIGS if _fits(c, w)}
+    label = timed_choice(x, w, out, fns, MAX_M_BUCKET, next(iter(fns)))
+    return fns[label](x, w, out)

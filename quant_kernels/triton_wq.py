@@ -48,7 +48,8 @@ try:
     from . import triton_wq_gemv as _gemv
     from . import triton_wq_gemv1 as _gemv1
     from . import triton_wq_mma as _mma
-    from .triton_wq_tile import graph_time
+    from .triton_wq_tile import CHOICES as _CHOICE  # noqa: F401 (the tests read it)
+    from .triton_wq_tile import timed_choice as _timed_choice
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - hosts without Triton keep the torch path
     HAS_TRITON = False
@@ -97,37 +98,6 @@ def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.
 
 def _dense_permuted(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> torch.Tensor:
     return dequant_matmul(x, w, out, permuted=True)
-
-
-# (kernels, M bucket, N, K, group, bits, dtype) -> the faster kernel's name: a tuning cache
-# like Triton's own autotuner's, filled on the first call of each key outside CUDA-graph
-# capture (the engine runs every decode batch size eagerly before capturing it)
-_CHOICE: dict = {}
-CHOICE_ROUNDS = 3
-
-
-def _timed_choice(x: torch.Tensor, w: WQWeight, out: torch.Tensor, fns: dict, cap: int,
-                  fallback: str) -> str:
-    """The faster of ``fns`` (name -> kernel(x, w, out)) for this shape: each autotuned by
-    its first call, then the picks timed once.  ``fallback`` where timing is impossible
-    (interpreter, CPU, during a capture)."""
-    m = x.shape[0]
-    key = (tuple(fns), m_bucket(m, cap), w.n, w.k, w.group_size, w.bits, x.dtype)
-    choice = _CHOICE.get(key)
-    if choice is not None:
-        return choice
-    if INTERPRET or not x.is_cuda or torch.cuda.is_current_stream_capturing():
-        return fallback
-    # rounds alternate the candidates and keep each one's best: one graph_time has ~6%
-    # noise at 20 us (the flush read it subtracts), enough to pick gemv1 (21.4 us) over
-    # the MMA kernel (19.0 us) at 8192x8192 M=1 (BENCHMARKS.md, session 9)
-    times = dict.fromkeys(fns, float("inf"))
-    with torch.cuda.device(x.device):
-        for _ in range(CHOICE_ROUNDS):
-            for name, fn in fns.items():
-                times[name] = min(times[name], graph_time(lambda fn=fn: fn(x, w, out)))
-    choice = _CHOICE[key] = min(times, key=times.get)
-    return choice
 
 
 def dequant_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None = None,

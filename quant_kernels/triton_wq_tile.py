@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .wq_layout import PTX_BF16_U4, PTX_F16_U4, PTX_F16_U8
+from .wq_layout import PTX_BF16_U4, PTX_F16_U4, PTX_F16_U8, WQWeight, m_bucket
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # split-K partials cost SPLIT_K * M * N * 4 bytes; past this N the grid is large anyway
@@ -341,6 +341,37 @@ def graph_time(fn, reps: int = 10, tries: int = 3) -> float:
             best = min(best, start.elapsed_time(end))
         times.append(best)
     return max(times[0] - times[1], 0.0) / reps
+
+
+# (candidates, M bucket, N, K, group, bits, dtype) -> the fastest candidate's name: a tuning
+# cache like Triton's own autotuner's (per shape, not per weight, so torch.compile's custom
+# op, which rebuilds the WQWeight on each call, finds it too), filled on the first call of
+# each key outside CUDA-graph capture (the engine runs every batch size eagerly first)
+CHOICES: dict = {}
+CHOICE_ROUNDS = 3
+
+
+def timed_choice(x: torch.Tensor, w: WQWeight, out: torch.Tensor, fns: dict, cap: int,
+                 fallback: str) -> str:
+    """The fastest of ``fns`` (name -> kernel(x, w, out)) for this shape, M bucketed up to
+    ``cap``: each autotuned by its first call, then timed.  ``fallback`` where timing is
+    impossible (interpreter, CPU, during a capture)."""
+    key = (tuple(fns), m_bucket(x.shape[0], cap), w.n, w.k, w.group_size, w.bits, x.dtype)
+    choice = CHOICES.get(key)
+    if choice is not None:
+        return choice
+    if INTERPRET or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return fallback
+    # rounds alternate the candidates and keep each one's best: one graph_time has ~6%
+    # noise at 20 us (the flush read it subtracts), enough to pick gemv1 (21.4 us) over
+    # the MMA kernel (19.0 us) at 8192x8192 M=1 (BENCHMARKS.md, session 9)
+    times = dict.fromkeys(fns, float("inf"))
+    with torch.cuda.device(x.device):
+        for _ in range(CHOICE_ROUNDS):
+            for name, fn in fns.items():
+                times[name] = min(times[name], graph_time(lambda fn=fn: fn(x, w, out)))
+    choice = CHOICES[key] = min(times, key=times.get)
+    return choice
 
 
 def launch_tuned(plans: dict, key: tuple, kernel, tuned, grid, args: tuple, consts: dict

@@ -91,7 +91,7 @@ def main() -> None:
             for cfg in ws.CONFIGS:
                 if not ws._fits(cfg, ws_[0]):
                     continue
-                label = f"{cfg.block_m}x{cfg.block_n}w{cfg.warps}s{cfg.stages}"
+                label = cfg.label
                 poison = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 try:
                     ws.launch(x, ws_[0], poison, cfg)
@@ -129,9 +129,7 @@ def probe(args, dtype, bits, group) -> None:
     """Three launches of one config (``--probe 128x128w4s4``), e.g. under ncu -s 2 -c 1."""
     k, n = map(int, args.shapes.split(",")[0].split("x"))
     m = int(args.ms.split(",")[0])
-    tile, rest = args.probe.split("w")
-    warps, stages = map(int, rest.split("s"))
-    cfg = ws.WSConfig(*map(int, tile.split("x")), warps, stages)
+    cfg = ws.WSConfig.from_label(args.probe)
     w = random_weight(n, k, group, bits, dtype, seed=0)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     out = torch.empty(m, n, device="cuda", dtype=dtype)
