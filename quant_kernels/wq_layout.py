@@ -49,7 +49,8 @@ class WQWeight:
     group_size: int
     bits: int
     # Launch configs the autotuner picked for this weight, by (kernel, M bucket, dtype):
-    # later calls launch the kernel directly, skipping the autotuner's per-call work.
+    # later calls launch the kernel directly, skipping the autotuner's per-call work; and
+    # the Gluon GEMM's TMA descriptors of this weight (gluon_wq_gemm._weight_descs).
     plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
