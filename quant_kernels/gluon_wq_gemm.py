@@ -150,13 +150,13 @@ if HAS_GLUON:
     _PTX_C_U8 = gl.constexpr(_ptx_constraints(8))
 
     @gluon.jit
-    def _load_part(descs, bufs, bars, off_m, off_n, k_iters, group):
+    def _load_part(descs, ring, ready, empty, off_m, off_n, k_iters, group):
         """Loader warp: refill slot ``i % STAGES`` with K step ``i`` as soon as the MMA has
         released it (a warp of its own: issuing the copies from the MMA warps, after each
-        wgmma wait, was 10-20% slower at M >= 512, BENCHMARKS.md session 9)."""
+        wgmma wait, was 10-20% slower at M >= 512, BENCHMARKS.md session 9).  Shared with
+        ``gluon_wq_rs``, whose ring holds the same four tiles."""
         x_desc, w_desc, s_desc, b_desc = descs
-        x_bufs, w_bufs, s_bufs, b_bufs, dq_bufs = bufs
-        ready, dq_ready, empty = bars
+        x_bufs, w_bufs, s_bufs, b_bufs = ring
         STAGES: gl.constexpr = x_bufs.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
         KW: gl.constexpr = w_desc.block_type.shape[1]
@@ -286,12 +286,12 @@ if HAS_GLUON:
         bufs = (x_bufs, w_bufs, s_bufs, b_bufs, dq_bufs)
         bars = (ready, dq_ready, empty)
         k_iters = gl.cdiv(K, BK)
-        worker_args = (descs, bufs, bars, off_m, off_n, k_iters, group)
+        ring = (x_bufs, w_bufs, s_bufs, b_bufs)
         gl.warp_specialize([
             (_mma_part, (bufs, bars, k_iters, out_ptr, off_m, off_n, M, N, stride_om, BM, BN,
                          num_warps)),
-            (_load_part, worker_args),
-            (_dequant_part, worker_args),
+            (_load_part, (descs, ring, ready, empty, off_m, off_n, k_iters, group)),
+            (_dequant_part, (descs, bufs, bars, off_m, off_n, k_iters, group)),
         ], [1, 4], [24, DQ_REGS])
 
 
@@ -393,13 +393,25 @@ if HAS_GLUON:
     _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
+def candidates(x: torch.Tensor, w: WQWeight) -> dict:
+    """Label -> launch of every config that takes (x, w): this kernel's, and for 4-bit
+    weights those of ``gluon_wq_rs`` (the weight as wgmma's register operand), which win
+    from M = 64 to ~256 (BENCHMARKS.md, session 10)."""
+    from . import gluon_wq_rs as rs
+    fns = {c.label: functools.partial(launch, cfg=c) for c in CONFIGS if _fits(c, w)}
+    if rs.can_run(x, w)[0]:
+        fns.update({c.label: functools.partial(rs.launch, cfg=c)
+                    for c in rs.CONFIGS if rs.fits(c)})
+    return fns
+
+
 def ws_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` into ``out`` with the config tuned for this shape's M bucket: every
-    fitting candidate timed on the first call (``triton_wq_tile.timed_choice``, the same
+    """``x @ W.T`` into ``out`` with the Gluon config tuned for this shape's M bucket:
+    every candidate timed on the first call (``triton_wq_tile.timed_choice``, the same
     cache as ``wq_matmul``'s kernel choices).  A first call inside a CUDA-graph capture
     cannot time: it takes the first candidate, untuned (run each M bucket eagerly before
     capturing, as the engine does)."""
     from .triton_wq_tile import timed_choice
-    fns = {c.label: functools.partial(launch, cfg=c) for c in CONFIGS if _fits(c, w)}
+    fns = candidates(x, w)
     label = timed_choice(x, w, out, fns, MAX_M_BUCKET, next(iter(fns)))
     return fns[label](x, w, out)

@@ -11,8 +11,9 @@ Dispatch on M (rows of x after flattening leading dims):
   ``triton_wq_gemv1`` at M = 1 (packed-half dot products in PTX), else ``triton_wq_gemv``
   (split-K when N alone is too few programs) -- whichever is faster, timed once per shape;
 * 16 < M <= 64: the fastest of ``triton_wq_gemv.swap`` (the decode kernel with M tiles
-  of 32/64), ``triton_wq_gemm`` and, on Hopper, ``gluon_wq_gemm`` (warp-specialized:
-  TMA, dequant and wgmma in separate warps), timed once per shape;
+  of 32/64), ``triton_wq_gemm`` and, on Hopper, ``gluon_wq_gemm.ws_matmul`` (the Gluon
+  GEMMs: warp-specialized TMA / dequant / wgmma, or for 4-bit ``gluon_wq_rs`` with the
+  weight dequantized straight into wgmma's register operand), timed once per shape;
 * 64 < M < DEQUANT_GEMM_MIN_M: the fastest of ``triton_wq_gemm`` (fused dequant tiled
   GEMM), ``gluon_wq_gemm`` and the dequantize + cuBLAS path below, timed once per shape
   and M bucket (on the H100 the fused kernels win at M = 64-128 for 4-bit groups of 128

@@ -1,5 +1,5 @@
-"""Mid-M int4/int8 GEMM on the H100: the warp-specialized Gluon kernel (``gluon_wq_gemm``)
-per config, against cuBLAS fp16/bf16 ``F.linear``, dequantize + cuBLAS and (``--auto``)
+"""Mid-M int4/int8 GEMM on the H100: the warp-specialized Gluon kernels per config
+(``gluon_wq_gemm``, labels ``BMxBNw..s..``; ``gluon_wq_rs``, labels ``rs...``), against cuBLAS fp16/bf16 ``F.linear``, dequantize + cuBLAS and (``--auto``)
 ``wq_matmul`` as dispatched, CUDA-graph replays over 8 rotating weight copies.
 
     PYTHONPATH=. python scripts/bench_wq_ws.py [--shapes 8192x8192,4096x4096] \
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_wq_graphs import FORMATS, ROTATE, graph_time_us  # noqa: E402
 from quant_kernels import gluon_wq_gemm as ws  # noqa: E402
+from quant_kernels import gluon_wq_rs as rs  # noqa: E402
 from quant_kernels.triton_wq import dequant_matmul, wq_matmul, wq_reference  # noqa: E402
 from quant_kernels.wq_layout import dequantize_wq, pack_wq  # noqa: E402
 
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--auto", action="store_true", help="also time wq_matmul as dispatched")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernels", default="ws,rs", help="which Gluon kernels' configs")
     ap.add_argument("--probe", default=None, metavar="BMxBNwWsS",
                     help="for ncu: launch only this config 3 times on the first shape and M")
     args = ap.parse_args()
@@ -88,13 +90,11 @@ def main() -> None:
             if args.auto:
                 row["auto_us"] = graph_time_us(
                     [lambda w=w, o=o: wq_matmul(x, w, out=o) for w, o in zip(ws_, outs)])
-            for cfg in ws.CONFIGS:
-                if not ws._fits(cfg, ws_[0]):
-                    continue
+            for cfg, mod in candidates(args.kernels, x, ws_[0]):
                 label = cfg.label
                 poison = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 try:
-                    ws.launch(x, ws_[0], poison, cfg)
+                    mod.launch(x, ws_[0], poison, cfg)
                     torch.cuda.synchronize()
                 except Exception as e:  # report and go on: one config must not end the run
                     print(f"  {label}: launch failed: {type(e).__name__}: {str(e)[:300]}")
@@ -103,7 +103,7 @@ def main() -> None:
                 entry = {"err": err}
                 if err < TOL[dtype]:
                     entry["us"] = graph_time_us(
-                        [lambda w=w, o=o, c=cfg: ws.launch(x, w, o, c)
+                        [lambda w=w, o=o, c=cfg, f=mod.launch: f(x, w, o, c)
                          for w, o in zip(ws_, outs)])
                 row["configs"][label] = entry
             timed = {lb: e["us"] for lb, e in row["configs"].items() if "us" in e}
@@ -111,8 +111,12 @@ def main() -> None:
             cb = row["cublas_us"]
             line = (f"{k:>5}x{n:<5} M={m:<4} cuBLAS {cb:8.1f} us | dense {cb / row['dense_us']:.2f}x"
                     + (f" | auto {cb / row['auto_us']:.2f}x" if "auto_us" in row else ""))
-            if best:
-                line += f" | ws best {best} {timed[best]:.1f} us = {cb / timed[best]:.2f}x"
+            for fam, pick in (("ws", lambda lb: not lb.startswith("rs")),
+                              ("rs", lambda lb: lb.startswith("rs"))):
+                fam_t = {lb: t for lb, t in timed.items() if pick(lb)}
+                if fam_t:
+                    b = min(fam_t, key=fam_t.get)
+                    line += f" | {fam} best {b} {fam_t[b]:.1f} us = {cb / fam_t[b]:.2f}x"
             bad = {lb: e["err"] for lb, e in row["configs"].items() if "us" not in e}
             if bad:
                 line += f" | WRONG {bad}"
@@ -125,16 +129,27 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
+def candidates(kernels: str, x, w) -> list:
+    """(config, module) of every config of the chosen kernels that takes (x, w)."""
+    out = []
+    if "ws" in kernels.split(","):
+        out += [(c, ws) for c in ws.CONFIGS if ws._fits(c, w)]
+    if "rs" in kernels.split(",") and rs.can_run(x, w)[0]:
+        out += [(c, rs) for c in rs.CONFIGS if rs.fits(c)]
+    return out
+
+
 def probe(args, dtype, bits, group) -> None:
     """Three launches of one config (``--probe 128x128w4s4``), e.g. under ncu -s 2 -c 1."""
     k, n = map(int, args.shapes.split(",")[0].split("x"))
     m = int(args.ms.split(",")[0])
-    cfg = ws.WSConfig.from_label(args.probe)
+    mod = rs if args.probe.startswith("rs") else ws
+    cfg = (rs.RSConfig if mod is rs else ws.WSConfig).from_label(args.probe)
     w = random_weight(n, k, group, bits, dtype, seed=0)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     out = torch.empty(m, n, device="cuda", dtype=dtype)
     for _ in range(3):
-        ws.launch(x, w, out, cfg)
+        mod.launch(x, w, out, cfg)
     torch.cuda.synchronize()
     print(f"{args.probe}: {k}x{n} M={m}, rel. error {rel_err(out, wq_reference(x, w)):.2e}")
 

@@ -100,7 +100,8 @@ def test_groups_bits_dtypes(g, bits, dtype):
 def test_ws_matmul_tunes_once_per_bucket():
     from quant_kernels.triton_wq_tile import CHOICES
     w = make_weight(256, 512, 128, 4, device="cuda", seed=5)
-    labels = tuple(c.label for c in ws.CONFIGS)
+    labels = tuple(ws.candidates(torch.empty(130, 512, dtype=torch.float16, device="cuda"), w))
+    assert any(lb.startswith("rs") for lb in labels)   # 4-bit: the register-A kernel too
     for m in (130, 200):  # one M bucket (256): timed once
         check(torch.randn(m, 512, dtype=torch.float16, device="cuda"), w,
               out=lambda x, w, o: ws.ws_matmul(x, w, o))

@@ -1,0 +1,96 @@
+"""quant_kernels.gluon_wq_rs (the register-A Gluon GEMM) against wq_reference.
+
+On the CPU: config validation, refusals, and the per-lane dequant PTX (tests/ptx_interp),
+including that thread t of wgmma's A fragment gets columns 8c + 2t, 8c + 2t + 1 of the
+natural packed layout.  The ``gpu`` tests run every config on odd shapes (rows past M
+and N, K not a multiple of 64, several M and N tiles), every group size the kernel
+takes and fp16/bf16, into NaN-poisoned outputs.  Tolerance as in test_triton_wq.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quant_kernels import gluon_wq_rs as rs
+from tests.test_triton_wq import check, make_weight
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not (CUDA and rs.HAS_GLUON and torch.cuda.get_device_capability()
+                              == (9, 0)), reason="needs an sm_90 GPU and Gluon")
+
+
+@pytest.mark.parametrize("args,match", [
+    ((96, 64, 4, 4), "block_m=96"), ((64, 64, 2, 4), "4 or 8"),
+    ((64, 64, 8, 4), "at least 16 per warp"), ((64, 96, 4, 4), "block_n=96"),
+    ((256, 128, 4, 4), "256 accumulator registers"), ((64, 64, 4, 7), "ring slots"),
+    ((128, 64, 4, 4, 3), "ctas=3"), ((256, 64, 4, 4, 2), "ctas=2")])
+def test_config_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        rs.RSConfig(*args)
+
+
+def test_config_labels_and_budget():
+    assert all(rs.RSConfig.from_label(c.label) == c for c in rs.CONFIGS)
+    with pytest.raises(ValueError, match="expected rs"):
+        rs.RSConfig.from_label("128x128w8s4")   # a gluon_wq_gemm label
+    assert all(rs.fits(c) for c in rs.CONFIGS)
+    assert not rs.fits(rs.RSConfig(128, 128, 8, 6, ctas=2))   # 2 x 127 KiB > an SM's 228
+    assert rs.RSConfig(128, 128, 8, 4).smem_bytes() == 4 * (16384 + 4096 + 512) + 512
+
+
+@pytest.mark.parametrize("n,k,g,bits,match", [
+    (64, 256, 128, 8, "4-bit only"), (64, 256, 32, 4, "group 32"), (20, 128, 128, 4, "N % 8")])
+def test_refusals(n, k, g, bits, match):
+    w = make_weight(n, k, g, bits)
+    ok, why = rs.can_run(torch.randn(3, k), w)
+    assert not ok and "fp16 or bf16" in why
+    ok, why = rs.can_run(torch.randn(3, k, dtype=torch.float16), w)
+    assert not ok and match in why
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_ptx_lane_pairs(kind):
+    # every lane t of a quad turns byte t of a word (values 2t, 2t + 1 of its 8) into
+    # the pair q * s + b, each rounded once: the A fragment's columns 8c + 2t, 8c + 2t + 1
+    from tests.ptx_interp import half_value, round16, run_ptx
+    asm = rs._ptx_pair(kind == "bf16")
+    assert len(rs._PTX_CONSTRAINTS.split(",")) == 7
+    rng = np.random.default_rng(len(kind))
+    for _ in range(100):
+        q = rng.integers(0, 16, 8)
+        word = sum(int(v) << 4 * j for j, v in enumerate(q))
+        sc, bi = round16(rng.uniform(1e-3, 0.1), kind), round16(rng.uniform(-1, 1), kind)
+        for t in range(4):
+            sel = 0x4040 | t << 8 | t
+            regs = run_ptx(asm, {"$1": word, "$2": word, "$3": sc | sc << 16,
+                                 "$4": bi | bi << 16, "$5": sel, "$6": sel})
+            want = [round16(q[p] * half_value(sc, kind) + half_value(bi, kind), kind)
+                    for p in (2 * t, 2 * t + 1)]
+            assert regs["$0"] == want[0] | want[1] << 16, (t, q)
+
+
+def run(x, w, cfg):
+    check(x, w, out=lambda x, w, o: rs.launch(x, w, o, cfg))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("cfg", rs.CONFIGS, ids=lambda c: c.label)
+@pytest.mark.parametrize("m,n,k", [(1, 136, 320), (77, 264, 1000), (300, 520, 2112)])
+def test_configs(cfg, m, n, k):
+    g = 64 if k % 128 else 128
+    w = make_weight(n, k, g, 4, device="cuda", seed=m + n + k)
+    run(torch.randn(m, k, dtype=torch.float16, device="cuda"), w, cfg)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("g", [64, 128, 256, "K"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_groups_dtypes(g, dtype):
+    m, n, k = 200, 392, 1536
+    w = make_weight(n, k, g, 4, dtype=dtype, device="cuda", seed=k)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    for cfg in (rs.CONFIGS[0], rs.CONFIGS[-1]):
+        run(x, w, cfg)
