@@ -36,7 +36,7 @@ def test_config_labels_and_budget():
         rs.RSConfig.from_label("128x128w8s4")   # a gluon_wq_gemm label
     assert all(rs.fits(c) for c in rs.CONFIGS)
     assert not rs.fits(rs.RSConfig(128, 128, 8, 6, ctas=2))   # 2 x 127 KiB > an SM's 228
-    assert rs.RSConfig(128, 128, 8, 4).smem_bytes() == 4 * (16384 + 4096 + 512) + 512
+    assert rs.RSConfig(128, 128, 8, 4).smem_bytes() == 4 * (16384 + 4096 + 512) + 4096
 
 
 @pytest.mark.parametrize("n,k,g,bits,match", [
