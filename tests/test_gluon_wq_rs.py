@@ -94,3 +94,15 @@ def test_groups_dtypes(g, dtype):
     x = torch.randn(m, k, dtype=dtype, device="cuda")
     for cfg in (rs.CONFIGS[0], rs.CONFIGS[-1]):
         run(x, w, cfg)
+
+
+def test_inspect_names_both_gluon_kernels(monkeypatch):
+    # what `quantrt inspect` shows for M > 16 where the Gluon GEMMs run (faked on the CPU):
+    # both for 4-bit, and why the register-operand one is refused for 8-bit
+    from quant_kernels import gluon_wq_gemm as ws
+    from quantrt.quant.int_kernels import _mid_m_kernel
+    monkeypatch.setattr(ws, "weight_refusal", lambda w, device: "")
+    monkeypatch.setattr(rs, "_ws_refusal", lambda w, device: "")
+    assert "register-operand)" in _mid_m_kernel([make_weight(64, 256, 128, 4)], "cuda")
+    why = _mid_m_kernel([make_weight(64, 256, 128, 8)], "cuda")
+    assert "register-operand GEMM refused: 8-bit weight" in why

@@ -69,12 +69,17 @@ class _PieceKernel(PackedKernel):
 
 def _mid_m_kernel(parts, device) -> str:
     """Which GEMM serves M > 16 besides the Triton ones, or why the Gluon one is refused."""
-    from quant_kernels import gluon_wq_gemm
+    from quant_kernels import gluon_wq_gemm, gluon_wq_rs
 
     whys = {gluon_wq_gemm.weight_refusal(w, device) for w in parts} - {""}
-    if not whys:
-        return "timed against the Gluon warp-specialized GEMM"
-    return "Triton GEMMs (Gluon warp-specialized GEMM refused: " + "; ".join(sorted(whys)) + ")"
+    if whys:
+        return ("Triton GEMMs (Gluon warp-specialized GEMM refused: " + "; ".join(sorted(whys))
+                + ")")
+    rs_whys = {gluon_wq_rs.weight_refusal(w, device) for w in parts} - {""}
+    if rs_whys:
+        return ("timed against the Gluon warp-specialized GEMM (register-operand GEMM "
+                "refused: " + "; ".join(sorted(rs_whys)) + ")")
+    return "timed against the Gluon GEMMs (warp-specialized, and register-operand)"
 
 
 class TritonWQKernel(_PieceKernel):
