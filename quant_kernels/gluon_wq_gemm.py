@@ -252,19 +252,17 @@ if HAS_GLUON:
         gl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
-    def _wq_ws_kernel(x_desc, w_desc, s_desc, b_desc, out_ptr,   # TMA descriptors, output
-                      M, N, K, group, stride_om,                   # sizes, group, out stride
-                      DQ_LAYOUT: gl.constexpr, STAGES: gl.constexpr, DQ_REGS: gl.constexpr,
-                      num_warps: gl.constexpr):
-        BM: gl.constexpr = x_desc.block_type.shape[0]
-        BK: gl.constexpr = x_desc.block_type.shape[1]
-        BN: gl.constexpr = w_desc.block_type.shape[0]
-        # M tiles fastest: CTAs running together share a weight tile (read once from DRAM)
+    def _tile_start(M, BM: gl.constexpr, BN: gl.constexpr):
+        """(off_m, off_n) of this CTA's output tile.  M tiles fastest: CTAs running
+        together share a weight tile (read once from DRAM)."""
         pid = gl.program_id(0)
         num_m = gl.cdiv(M, BM)
-        off_m = (pid % num_m) * BM
-        off_n = (pid // num_m) * BN
+        return (pid % num_m) * BM, (pid // num_m) * BN
 
+    @gluon.jit
+    def _alloc_ring(x_desc, w_desc, s_desc, b_desc, STAGES: gl.constexpr):
+        """The ring the loader warp fills (``_load_part``): ``STAGES`` slots of the four
+        TMA tiles, and their ``ready`` / ``empty`` mbarriers, initialized."""
         x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape,
                                            x_desc.layout)
         w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape,
@@ -273,20 +271,33 @@ if HAS_GLUON:
                                            s_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
                                            b_desc.layout)
-        dq_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BN, BK], DQ_LAYOUT)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        dq_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(dq_ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        return (x_bufs, w_bufs, s_bufs, b_bufs), ready, empty
+
+    @gluon.jit
+    def _wq_ws_kernel(x_desc, w_desc, s_desc, b_desc, out_ptr,   # TMA descriptors, output
+                      M, N, K, group, stride_om,                   # sizes, group, out stride
+                      DQ_LAYOUT: gl.constexpr, STAGES: gl.constexpr, DQ_REGS: gl.constexpr,
+                      num_warps: gl.constexpr):
+        BM: gl.constexpr = x_desc.block_type.shape[0]
+        BK: gl.constexpr = x_desc.block_type.shape[1]
+        BN: gl.constexpr = w_desc.block_type.shape[0]
+        off_m, off_n = _tile_start(M, BM, BN)
+        ring, ready, empty = _alloc_ring(x_desc, w_desc, s_desc, b_desc, STAGES)
+        x_bufs, w_bufs, s_bufs, b_bufs = ring
+        dq_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BN, BK], DQ_LAYOUT)
+        dq_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(dq_ready.index(i), count=1)
 
         descs = (x_desc, w_desc, s_desc, b_desc)
         bufs = (x_bufs, w_bufs, s_bufs, b_bufs, dq_bufs)
         bars = (ready, dq_ready, empty)
         k_iters = gl.cdiv(K, BK)
-        ring = (x_bufs, w_bufs, s_bufs, b_bufs)
         gl.warp_specialize([
             (_mma_part, (bufs, bars, k_iters, out_ptr, off_m, off_n, M, N, stride_om, BM, BN,
                          num_warps)),
@@ -323,13 +334,19 @@ def weight_refusal(w: WQWeight, device) -> str:
     return ""
 
 
+def activation_refusal(x: torch.Tensor, w: WQWeight) -> str:
+    """Why the activations ``x`` cannot be a TMA operand next to ``w`` ("" if they can):
+    shared by both Gluon GEMMs."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
+    if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16 or w.k % 8:
+        return "activation rows not contiguous and 16-byte aligned (K % 8)"
+    return ""
+
+
 def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
     """Whether this kernel takes (x, w), and why not."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
-        return False, f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
-    if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16 or w.k % 8:
-        return False, "activation rows not contiguous and 16-byte aligned (K % 8)"
-    why = weight_refusal(w, x.device)
+    why = activation_refusal(x, w) or weight_refusal(w, x.device)
     return not why, why
 
 
@@ -360,15 +377,21 @@ def _weight_descs(w: WQWeight, bn: int) -> tuple:
     return descs
 
 
+def common_args(x: torch.Tensor, w: WQWeight, out: torch.Tensor, bm: int, bn: int):
+    """(grid, leading arguments) of a ``BM x BN``-tile launch of either Gluon GEMM: the
+    four TMA descriptors, the output, sizes, group and output stride."""
+    m = x.shape[0]
+    x_desc = TensorDescriptor.from_tensor(
+        x, [bm, BLOCK_K], _smem_layout((bm, BLOCK_K), _GL_DTYPES[x.dtype]))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(w.n, bn),)
+    return grid, (x_desc, *_weight_descs(w, bn), out, m, w.n, w.k, w.group_size,
+                  out.stride(0))
+
+
 def launch_args(x: torch.Tensor, w: WQWeight, out: torch.Tensor, cfg: WSConfig):
     """(grid, positional args, keyword args) of one launch with ``cfg``."""
-    m, gdt = x.shape[0], _GL_DTYPES[x.dtype]
-    bm, bn = cfg.block_m, cfg.block_n
-    x_desc = TensorDescriptor.from_tensor(x, [bm, BLOCK_K], _smem_layout((bm, BLOCK_K), gdt))
-    w_desc, s_desc, b_desc = _weight_descs(w, bn)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(w.n, bn),)
-    args = (x_desc, w_desc, s_desc, b_desc, out, m, w.n, w.k, w.group_size, out.stride(0),
-            _smem_layout((bn, BLOCK_K), gdt), cfg.stages, DQ_REGS)
+    grid, args = common_args(x, w, out, cfg.block_m, cfg.block_n)
+    args += (_smem_layout((cfg.block_n, BLOCK_K), _GL_DTYPES[x.dtype]), cfg.stages, DQ_REGS)
     return grid, args, {"num_warps": cfg.warps, "maxnreg": _maxnreg(cfg)}
 
 
@@ -412,6 +435,10 @@ def ws_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> torch.Tensor:
     cannot time: it takes the first candidate, untuned (run each M bucket eagerly before
     capturing, as the engine does)."""
     from .triton_wq_tile import timed_choice
-    fns = candidates(x, w)
+    # built once per weight: which configs take it depends on the weight alone once
+    # can_run(x, w) has passed, as it has on wq_matmul's path here
+    fns = w.plans.get("gluon-candidates")
+    if fns is None:
+        fns = w.plans["gluon-candidates"] = candidates(x, w)
     label = timed_choice(x, w, out, fns, MAX_M_BUCKET, next(iter(fns)))
     return fns[label](x, w, out)

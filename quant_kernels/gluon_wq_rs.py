@@ -36,18 +36,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .gluon_wq_gemm import BLOCK_K, HAS_GLUON, SMEM_LIMIT, weight_refusal as _ws_refusal
+from .gluon_wq_gemm import (BLOCK_K, HAS_GLUON, SMEM_LIMIT, activation_refusal,
+                            weight_refusal as _ws_refusal)
 from .wq_layout import WQWeight
 
 if HAS_GLUON:
-    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         mbarrier, warpgroup_mma, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from .gluon_wq_gemm import _GL_DTYPES, _load_part, _smem_layout, _weight_descs
+    from .gluon_wq_gemm import _alloc_ring, _load_part, _tile_start, common_args
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,6 @@ if HAS_GLUON:
         x_bufs, w_bufs, s_bufs, b_bufs = ring
         STAGES: gl.constexpr = x_bufs.shape[0]
         BN: gl.constexpr = w_bufs.shape[1]
-        BK: gl.constexpr = x_bufs.shape[2]
         ACC: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BM, 16])
         A_FRAG: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
@@ -263,27 +261,8 @@ if HAS_GLUON:
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[0]
-        # M tiles fastest: CTAs running together share a weight tile (read once from DRAM)
-        pid = gl.program_id(0)
-        num_m = gl.cdiv(M, BM)
-        off_m = (pid % num_m) * BM
-        off_n = (pid // num_m) * BN
-
-        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape,
-                                           x_desc.layout)
-        w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape,
-                                           w_desc.layout)
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES] + s_desc.block_type.shape,
-                                           s_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
-                                           b_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-
-        ring = (x_bufs, w_bufs, s_bufs, b_bufs)
+        off_m, off_n = _tile_start(M, BM, BN)
+        ring, ready, empty = _alloc_ring(x_desc, w_desc, s_desc, b_desc, STAGES)
         k_iters = gl.cdiv(K, BK)
         gl.warp_specialize([
             (_rs_mma_part, (ring, ready, empty, k_iters, out_ptr, off_m, off_n, M, N,
@@ -304,11 +283,7 @@ def weight_refusal(w: WQWeight, device) -> str:
 
 def can_run(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
     """Whether this kernel takes (x, w), and why not."""
-    if x.dtype not in (torch.float16, torch.bfloat16) or w.dtype != x.dtype:
-        return False, f"activations {x.dtype}, scales {w.dtype} (fp16 or bf16, alike)"
-    if x.stride(-1) != 1 or (x.stride(0) * 2) % 16 or x.data_ptr() % 16 or w.k % 8:
-        return False, "activation rows not contiguous and 16-byte aligned (K % 8)"
-    why = weight_refusal(w, x.device)
+    why = activation_refusal(x, w) or weight_refusal(w, x.device)
     return not why, why
 
 
@@ -325,13 +300,8 @@ def _maxnreg(cfg: RSConfig) -> int:
 
 def launch_args(x: torch.Tensor, w: WQWeight, out: torch.Tensor, cfg: RSConfig):
     """(grid, positional args, keyword args) of one launch with ``cfg``."""
-    m, gdt = x.shape[0], _GL_DTYPES[x.dtype]
-    bm, bn = cfg.block_m, cfg.block_n
-    x_desc = TensorDescriptor.from_tensor(x, [bm, BLOCK_K], _smem_layout((bm, BLOCK_K), gdt))
-    w_desc, s_desc, b_desc = _weight_descs(w, bn)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(w.n, bn),)
-    args = (x_desc, w_desc, s_desc, b_desc, out, m, w.n, w.k, w.group_size, out.stride(0),
-            *_layouts(bn, cfg.warps), cfg.stages)
+    grid, args = common_args(x, w, out, cfg.block_m, cfg.block_n)
+    args += (*_layouts(cfg.block_n, cfg.warps), cfg.stages)
     return grid, args, {"num_warps": cfg.warps, "maxnreg": _maxnreg(cfg)}
 
 

@@ -90,11 +90,13 @@ def main() -> None:
             if args.auto:
                 row["auto_us"] = graph_time_us(
                     [lambda w=w, o=o: wq_matmul(x, w, out=o) for w, o in zip(ws_, outs)])
-            for cfg, mod in candidates(args.kernels, x, ws_[0]):
-                label = cfg.label
+            kernels = args.kernels.split(",")
+            for label, fn in ws.candidates(x, ws_[0]).items():
+                if family(label) not in kernels:
+                    continue
                 poison = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 try:
-                    mod.launch(x, ws_[0], poison, cfg)
+                    fn(x, ws_[0], poison)
                     torch.cuda.synchronize()
                 except Exception as e:  # report and go on: one config must not end the run
                     print(f"  {label}: launch failed: {type(e).__name__}: {str(e)[:300]}")
@@ -103,17 +105,15 @@ def main() -> None:
                 entry = {"err": err}
                 if err < TOL[dtype]:
                     entry["us"] = graph_time_us(
-                        [lambda w=w, o=o, c=cfg, f=mod.launch: f(x, w, o, c)
-                         for w, o in zip(ws_, outs)])
+                        [lambda w=w, o=o, f=fn: f(x, w, o) for w, o in zip(ws_, outs)])
                 row["configs"][label] = entry
             timed = {lb: e["us"] for lb, e in row["configs"].items() if "us" in e}
             best = min(timed, key=timed.get) if timed else None
             cb = row["cublas_us"]
             line = (f"{k:>5}x{n:<5} M={m:<4} cuBLAS {cb:8.1f} us | dense {cb / row['dense_us']:.2f}x"
                     + (f" | auto {cb / row['auto_us']:.2f}x" if "auto_us" in row else ""))
-            for fam, pick in (("ws", lambda lb: not lb.startswith("rs")),
-                              ("rs", lambda lb: lb.startswith("rs"))):
-                fam_t = {lb: t for lb, t in timed.items() if pick(lb)}
+            for fam in ("ws", "rs"):
+                fam_t = {lb: t for lb, t in timed.items() if family(lb) == fam}
                 if fam_t:
                     b = min(fam_t, key=fam_t.get)
                     line += f" | {fam} best {b} {fam_t[b]:.1f} us = {cb / fam_t[b]:.2f}x"
@@ -129,21 +129,16 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
-def candidates(kernels: str, x, w) -> list:
-    """(config, module) of every config of the chosen kernels that takes (x, w)."""
-    out = []
-    if "ws" in kernels.split(","):
-        out += [(c, ws) for c in ws.CONFIGS if ws._fits(c, w)]
-    if "rs" in kernels.split(",") and rs.can_run(x, w)[0]:
-        out += [(c, rs) for c in rs.CONFIGS if rs.fits(c)]
-    return out
+def family(label: str) -> str:
+    """Which Gluon kernel a config label names: ``rs`` (gluon_wq_rs) or ``ws``."""
+    return "rs" if label.startswith("rs") else "ws"
 
 
 def probe(args, dtype, bits, group) -> None:
     """Three launches of one config (``--probe 128x128w4s4``), e.g. under ncu -s 2 -c 1."""
     k, n = map(int, args.shapes.split(",")[0].split("x"))
     m = int(args.ms.split(",")[0])
-    mod = rs if args.probe.startswith("rs") else ws
+    mod = rs if family(args.probe) == "rs" else ws
     cfg = (rs.RSConfig if mod is rs else ws.WSConfig).from_label(args.probe)
     w = random_weight(n, k, group, bits, dtype, seed=0)
     x = torch.randn(m, k, device="cuda", dtype=dtype)

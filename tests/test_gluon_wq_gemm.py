@@ -66,20 +66,28 @@ def test_can_run_refusals(n, k, g, bits, dtype, match):
     assert not ok and "fp16 or bf16" in why
 
 
-def run(x, w, cfg):
+def run(x, w, cfg, launch=ws.launch):
     """One launch of ``cfg`` into a NaN-poisoned output, checked against the reference."""
-    check(x, w, out=lambda x, w, o: ws.launch(x, w, o, cfg))
+    check(x, w, out=lambda x, w, o: launch(x, w, o, cfg))
+
+
+# rows past M and N, K not a multiple of the 64-column tile, one and several M/N tiles
+ODD_SHAPES = [(1, 136, 320), (77, 264, 1000), (300, 520, 2112)]
+
+
+def run_odd_shape(cfg, launch, m, n, k):
+    """``cfg`` on a fresh 4-bit fp16 weight of an odd shape (groups of 128, or 64 where K
+    is not a multiple of 128)."""
+    w = make_weight(n, k, 64 if k % 128 else 128, 4, device="cuda", seed=m + n + k)
+    run(torch.randn(m, k, dtype=torch.float16, device="cuda"), w, cfg, launch)
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("cfg", ws.CONFIGS, ids=lambda c: c.label)
-@pytest.mark.parametrize("m,n,k", [(1, 136, 320), (77, 264, 1000), (300, 520, 2112)])
+@pytest.mark.parametrize("m,n,k", ODD_SHAPES)
 def test_configs(cfg, m, n, k):
-    g = 64 if k % 128 else 128
-    w = make_weight(n, k, g, 4, device="cuda", seed=m + n + k)
-    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-    run(x, w, cfg)
+    run_odd_shape(cfg, ws.launch, m, n, k)
 
 
 @pytest.mark.gpu

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from quant_kernels import gluon_wq_rs as rs
-from tests.test_triton_wq import check, make_weight
+from tests.test_gluon_wq_gemm import ODD_SHAPES, run, run_odd_shape
+from tests.test_triton_wq import make_weight
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not (CUDA and rs.HAS_GLUON and torch.cuda.get_device_capability()
@@ -70,18 +71,12 @@ def test_ptx_lane_pairs(kind):
             assert regs["$0"] == want[0] | want[1] << 16, (t, q)
 
 
-def run(x, w, cfg):
-    check(x, w, out=lambda x, w, o: rs.launch(x, w, o, cfg))
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("cfg", rs.CONFIGS, ids=lambda c: c.label)
-@pytest.mark.parametrize("m,n,k", [(1, 136, 320), (77, 264, 1000), (300, 520, 2112)])
+@pytest.mark.parametrize("m,n,k", ODD_SHAPES)
 def test_configs(cfg, m, n, k):
-    g = 64 if k % 128 else 128
-    w = make_weight(n, k, g, 4, device="cuda", seed=m + n + k)
-    run(torch.randn(m, k, dtype=torch.float16, device="cuda"), w, cfg)
+    run_odd_shape(cfg, rs.launch, m, n, k)
 
 
 @pytest.mark.gpu
@@ -93,7 +88,7 @@ def test_groups_dtypes(g, dtype):
     w = make_weight(n, k, g, 4, dtype=dtype, device="cuda", seed=k)
     x = torch.randn(m, k, dtype=dtype, device="cuda")
     for cfg in (rs.CONFIGS[0], rs.CONFIGS[-1]):
-        run(x, w, cfg)
+        run(x, w, cfg, rs.launch)
 
 
 def test_inspect_names_both_gluon_kernels(monkeypatch):
