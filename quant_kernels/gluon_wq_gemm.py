@@ -150,8 +150,9 @@ if HAS_GLUON:
     _PTX_C_U8 = gl.constexpr(_ptx_constraints(8))
 
     @gluon.jit
-    def _load_part(descs, ring, ready, empty, off_m, off_n, k_iters, group):
-        """Loader warp: refill slot ``i % STAGES`` with K step ``i`` as soon as the MMA has
+    def _load_part(descs, ring, ready, empty, off_m, off_n, k_first, k_iters, group):
+        """Loader warp: refill slot ``i % STAGES`` with K step ``k_first + i`` (a split-K
+        CTA's steps start past 0) as soon as the MMA has
         released it (a warp of its own: issuing the copies from the MMA warps, after each
         wgmma wait, was 10-20% slower at M >= 512, BENCHMARKS.md session 9).  Shared with
         ``gluon_wq_rs``, whose ring holds the same four tiles."""
@@ -167,9 +168,10 @@ if HAS_GLUON:
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, NBYTES)
-            k0 = i * BK
+            k0 = (k_first + i) * BK
             tma.async_copy_global_to_shared(x_desc, [off_m, k0], bar, x_bufs.index(s))
-            tma.async_copy_global_to_shared(w_desc, [off_n, i * KW], bar, w_bufs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [off_n, (k_first + i) * KW], bar,
+                                            w_bufs.index(s))
             tma.async_copy_global_to_shared(s_desc, [k0 // group, off_n], bar, s_bufs.index(s))
             tma.async_copy_global_to_shared(b_desc, [k0 // group, off_n], bar, b_bufs.index(s))
 
@@ -301,7 +303,7 @@ if HAS_GLUON:
         gl.warp_specialize([
             (_mma_part, (bufs, bars, k_iters, out_ptr, off_m, off_n, M, N, stride_om, BM, BN,
                          num_warps)),
-            (_load_part, (descs, ring, ready, empty, off_m, off_n, k_iters, group)),
+            (_load_part, (descs, ring, ready, empty, off_m, off_n, 0, k_iters, group)),
             (_dequant_part, (descs, bufs, bars, off_m, off_n, k_iters, group)),
         ], [1, 4], [24, DQ_REGS])
 

@@ -32,12 +32,14 @@ run under ``TRITON_INTERPRET``: the GPU tests check it against ``wq_reference``.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import torch
 
 from .gluon_wq_gemm import (BLOCK_K, HAS_GLUON, SMEM_LIMIT, activation_refusal,
                             weight_refusal as _ws_refusal)
+from .triton_wq_tile import check_split_tiles, split_locks
 from .wq_layout import WQWeight
 
 if HAS_GLUON:
@@ -46,23 +48,25 @@ if HAS_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (
         mbarrier, warpgroup_mma, warpgroup_mma_wait)
 
-    from .gluon_wq_gemm import _alloc_ring, _load_part, _tile_start, common_args
+    from .gluon_wq_gemm import _alloc_ring, _load_part, common_args
 
 
 @dataclass(frozen=True)
 class RSConfig:
     """One launch config: ``BM`` activation rows (wgmma's N) x ``BN`` weight rows per CTA,
-    MMA warps, ring depth."""
+    MMA warps, ring depth, CTAs per SM, and ``split``: CTAs sharing one output tile's K
+    range (split-K, for decode: 8192x8192 has 128 tiles of 64 rows for 132 SMs)."""
 
     block_m: int
     block_n: int
     warps: int
     stages: int
-    ctas: int = 1      # CTAs per SM the register cap allows (2: one's epilogue overlaps)
+    ctas: int = 1      # CTAs per SM the register cap allows (2+: one's epilogue overlaps)
+    split: int = 1
 
     def __post_init__(self):
-        if self.block_m not in (32, 64, 128, 256):
-            raise ValueError(f"block_m={self.block_m}: 32, 64, 128 or 256 (wgmma N)")
+        if self.block_m not in (8, 16, 32, 64, 128, 256):
+            raise ValueError(f"block_m={self.block_m}: 8, 16, 32, 64, 128 or 256 (wgmma N)")
         if self.warps not in (4, 8):
             raise ValueError(f"warps={self.warps}: 4 or 8 (1 or 2 MMA warpgroups)")
         if self.block_n not in (64, 128, 256) or self.block_n < 16 * self.warps:
@@ -73,11 +77,14 @@ class RSConfig:
             # ~240 registers a consumer thread gets next to the loader warp
             raise ValueError(f"{self.block_m}x{self.block_n} on {self.warps} warps needs "
                              f"{self.acc_regs} accumulator registers per thread (<= 128)")
-        if not 2 <= self.stages <= 6:
-            raise ValueError(f"stages={self.stages}: 2..6 ring slots")
-        if self.ctas not in (1, 2) or (self.ctas == 2 and self.acc_regs > 64):
-            raise ValueError(f"ctas={self.ctas}: 1, or 2 with <= 64 accumulator registers "
-                             "per thread")
+        if not 2 <= self.stages <= 12:
+            raise ValueError(f"stages={self.stages}: 2..12 ring slots")
+        if not 1 <= self.ctas <= 4 or self.acc_regs * self.ctas > 128:
+            raise ValueError(f"ctas={self.ctas}: 1..4 CTAs per SM, with at most "
+                             f"{128 // self.ctas} accumulator registers per thread each "
+                             f"(this tile needs {self.acc_regs})")
+        if self.split not in (1, 2, 3, 4, 6, 8):
+            raise ValueError(f"split={self.split}: 1, 2, 3, 4, 6 or 8 CTAs per output tile")
 
     @property
     def acc_regs(self) -> int:
@@ -86,21 +93,19 @@ class RSConfig:
     @property
     def label(self) -> str:
         return (f"rs{self.block_m}x{self.block_n}w{self.warps}s{self.stages}"
+                + (f"k{self.split}" if self.split > 1 else "")
                 + (f"c{self.ctas}" if self.ctas > 1 else ""))
 
     @classmethod
     def from_label(cls, label: str) -> "RSConfig":
-        """The config ``label`` names (``rs128x128w8s4``)."""
-        try:
-            assert label.startswith("rs")
-            tile, rest = label[2:].split("w")
-            bm, bn = map(int, tile.split("x"))
-            rest, _, ctas = rest.partition("c")
-            warps, stages = map(int, rest.split("s"))
-        except (ValueError, AssertionError):
+        """The config ``label`` names (``rs128x128w8s4``, ``rs16x64w4s8k2c2``)."""
+        m = re.fullmatch(r"rs(\d+)x(\d+)w(\d+)s(\d+)(?:k(\d+))?(?:c(\d+))?", label)
+        if m is None:
             raise ValueError(f"config label {label!r}: expected rs<BM>x<BN>w<warps>s<stages>"
-                             "[c<CTAs per SM>], e.g. rs128x128w8s4") from None
-        return cls(bm, bn, warps, stages, int(ctas or 1))
+                             "[k<split>][c<CTAs per SM>], e.g. rs128x128w8s4")
+        bm, bn, warps, stages, split, ctas = m.groups()
+        return cls(int(bm), int(bn), int(warps), int(stages), int(ctas or 1),
+                   int(split or 1))
 
     def smem_bytes(self, elt: int = 2) -> int:
         per = (self.block_m * BLOCK_K * elt + self.block_n * BLOCK_K // 2
@@ -201,11 +206,12 @@ if HAS_GLUON:
         return gl.convert_layout(gl.reshape(v, [BN, BK]), A_FRAG)
 
     @gluon.jit
-    def _rs_mma_part(ring, ready, empty, k_iters, out_ptr, off_m, off_n, M, N, stride_om,
-                     VALS: gl.constexpr, ROW2: gl.constexpr, BM: gl.constexpr,
-                     num_warps: gl.constexpr):
+    def _rs_mma_part(ring, ready, empty, k_iters, out_ptr, ws_ptr, lock_ptr, tile, split,
+                     off_m, off_n, M, N, stride_om, VALS: gl.constexpr, ROW2: gl.constexpr,
+                     BM: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
         """MMA warps: per slot, packed words -> A fragment, ``acc += W_tile @ x_tile.T``;
-        then ``out[m, n] = acc[n, m]``."""
+        then ``out[m, n] = acc[n, m]`` (with split-K: once every split has added its
+        part, ``_split_store``)."""
         x_bufs, w_bufs, s_bufs, b_bufs = ring
         STAGES: gl.constexpr = x_bufs.shape[0]
         BN: gl.constexpr = w_bufs.shape[1]
@@ -246,29 +252,63 @@ if HAS_GLUON:
         # writes 8 consecutive n of one output row, 16 bytes, instead of scattered halves
         TN: gl.constexpr = BN // 8 if BN < 256 else 32
         OUT: gl.constexpr = gl.BlockedLayout([8, 1], [TN, 32 // TN], [1, num_warps], [0, 1])
-        res = gl.convert_layout(acc.to(out_ptr.dtype.element_ty), OUT)
         rows = off_n + gl.arange(0, BN, layout=gl.SliceLayout(1, OUT))
         cols = off_m + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT))
-        ptrs = out_ptr + gl.expand_dims(cols, 0) * stride_om + gl.expand_dims(rows, 1)
         mask = gl.expand_dims(rows < N, 1) & gl.expand_dims(cols < M, 0)
-        gl.store(ptrs, res, mask=mask)
+        ptrs = out_ptr + gl.expand_dims(cols, 0) * stride_om + gl.expand_dims(rows, 1)
+        if SPLIT == 1:
+            gl.store(ptrs, gl.convert_layout(acc.to(out_ptr.dtype.element_ty), OUT), mask=mask)
+        else:
+            _split_store(gl.convert_layout(acc, OUT), ptrs, ws_ptr, lock_ptr, tile, split,
+                         gl.expand_dims(cols, 0) * N + gl.expand_dims(rows, 1), mask, M * N,
+                         SPLIT)
 
     @gluon.jit
-    def _wq_rs_kernel(x_desc, w_desc, s_desc, b_desc, out_ptr,   # TMA descriptors, output
+    def _split_store(part, ptrs, ws_ptr, lock_ptr, tile, split, offs, mask, MN,
+                     SPLIT: gl.constexpr):
+        """Split-K in one launch, as ``triton_wq_tile.store_tile``: this split's fp32 part
+        to ``ws[split]``, then the tile's counter; the last split to arrive sums the parts
+        in split order (deterministic), stores the tile and re-arms the counter."""
+        gl.store(ws_ptr + split * MN + offs, part, mask=mask)
+        gl.thread_barrier()   # every thread's part is issued before the release below
+        count = gl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if count == SPLIT - 1:
+            total = gl.zeros_like(part)
+            for sk in gl.static_range(SPLIT):
+                # .cg: the other CTAs' parts from L2, never a stale L1 line
+                total += gl.load(ws_ptr + sk * MN + offs, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            gl.store(ptrs, total.to(ptrs.dtype.element_ty), mask=mask)
+            gl.atomic_xchg(lock_ptr + tile, 0)
+
+    @gluon.jit
+    def _wq_rs_kernel(x_desc, w_desc, s_desc, b_desc,            # TMA descriptors
+                      out_ptr, ws_ptr, lock_ptr,                   # output, split-K parts
                       M, N, K, group, stride_om,                   # sizes, group, out stride
                       VALS: gl.constexpr, ROW2: gl.constexpr, STAGES: gl.constexpr,
-                      num_warps: gl.constexpr):
+                      SPLIT: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = x_desc.block_type.shape[0]
         BK: gl.constexpr = x_desc.block_type.shape[1]
         BN: gl.constexpr = w_desc.block_type.shape[0]
-        off_m, off_n = _tile_start(M, BM, BN)
+        # the splits of a tile are neighbours; M tiles next: CTAs running together share
+        # a weight tile (read once from DRAM)
+        pid = gl.program_id(0)
+        tile = pid // SPLIT
+        split = pid % SPLIT
+        num_m = gl.cdiv(M, BM)
+        off_m = (tile % num_m) * BM
+        off_n = (tile // num_m) * BN
+        # balanced K steps per split, none empty (the host keeps SPLIT <= K / BK)
+        k_tiles = gl.cdiv(K, BK)
+        k_first = split * k_tiles // SPLIT
+        k_iters = (split + 1) * k_tiles // SPLIT - k_first
         ring, ready, empty = _alloc_ring(x_desc, w_desc, s_desc, b_desc, STAGES)
-        k_iters = gl.cdiv(K, BK)
         gl.warp_specialize([
-            (_rs_mma_part, (ring, ready, empty, k_iters, out_ptr, off_m, off_n, M, N,
-                            stride_om, VALS, ROW2, BM, num_warps)),
+            (_rs_mma_part, (ring, ready, empty, k_iters, out_ptr, ws_ptr, lock_ptr, tile,
+                            split, off_m, off_n, M, N, stride_om, VALS, ROW2, BM, SPLIT,
+                            num_warps)),
             (_load_part, ((x_desc, w_desc, s_desc, b_desc), ring, ready, empty, off_m,
-                          off_n, k_iters, group)),
+                          off_n, k_first, k_iters, group)),
         ], [1], [24])
 
 
@@ -298,11 +338,24 @@ def _maxnreg(cfg: RSConfig) -> int:
     return min(248, 65536 // (cfg.ctas * (cfg.warps + 4) * 32) // 8 * 8)
 
 
+def k_steps(w: WQWeight) -> int:
+    """64-column K steps of ``w``: a config may split them at most this many ways."""
+    return -(-w.k // BLOCK_K)
+
+
 def launch_args(x: torch.Tensor, w: WQWeight, out: torch.Tensor, cfg: RSConfig):
     """(grid, positional args, keyword args) of one launch with ``cfg``."""
-    grid, args = common_args(x, w, out, cfg.block_m, cfg.block_n)
-    args += (*_layouts(cfg.block_n, cfg.warps), cfg.stages)
-    return grid, args, {"num_warps": cfg.warps, "maxnreg": _maxnreg(cfg)}
+    (tiles,), args = common_args(x, w, out, cfg.block_m, cfg.block_n)
+    ws = out   # split-K parts (unused without split-K)
+    if cfg.split > 1:
+        if cfg.split > k_steps(w):
+            raise ValueError(f"{cfg.label}: split {cfg.split} of K={w.k}, which has only "
+                             f"{k_steps(w)} steps of {BLOCK_K}")
+        check_split_tiles(tiles, cfg.split)
+        ws = torch.empty(cfg.split * x.shape[0] * w.n, device=x.device, dtype=torch.float32)
+    args = (*args[:5], ws, split_locks(x.device), *args[5:],
+            *_layouts(cfg.block_n, cfg.warps), cfg.stages, cfg.split)
+    return (tiles * cfg.split,), args, {"num_warps": cfg.warps, "maxnreg": _maxnreg(cfg)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,3 +368,4 @@ def launch(x: torch.Tensor, w: WQWeight, out: torch.Tensor, cfg: RSConfig) -> to
     grid, args, kwargs = launch_args(x, w, out, cfg)
     _wq_rs_kernel[grid](*args, **kwargs)
     return out
+

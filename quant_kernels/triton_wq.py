@@ -7,9 +7,11 @@
 Dispatch on M (rows of x after flattening leading dims):
 
 * M <= 16: ``triton_wq_mma`` (4-bit; 8-bit with fp16; groups of 32, 64 or whole slabs:
-  mma.sync on tensor cores, weights unpacked in registers) or the FMA kernels --
-  ``triton_wq_gemv1`` at M = 1 (packed-half dot products in PTX), else ``triton_wq_gemv``
-  (split-K when N alone is too few programs) -- whichever is faster, timed once per shape;
+  mma.sync on tensor cores, weights unpacked in registers), on Hopper for 4-bit
+  ``gluon_wq_decode`` (TMA ring, wgmma with the weight as register operand, split-K) or
+  the FMA kernels -- ``triton_wq_gemv1`` at M = 1 (packed-half dot products in PTX), else
+  ``triton_wq_gemv`` (split-K when N alone is too few programs) -- whichever is fastest,
+  timed once per shape and M bucket;
 * 16 < M <= 64: the fastest of ``triton_wq_gemv.swap`` (the decode kernel with M tiles
   of 32/64), ``triton_wq_gemm`` and, on Hopper, ``gluon_wq_gemm.ws_matmul`` (the Gluon
   GEMMs: warp-specialized TMA / dequant / wgmma, or for 4-bit ``gluon_wq_rs`` with the
@@ -44,6 +46,7 @@ from .wq_layout import (WQWeight, dequantize_wq, m_bucket, pack_wq,  # noqa: F40
                         perm_from_g_idx, unpack_q, wq_reference)
 
 try:
+    from . import gluon_wq_decode as _decode
     from . import gluon_wq_gemm as _ws
     from . import triton_wq_gemm as _gemm
     from . import triton_wq_gemv as _gemv
@@ -78,10 +81,13 @@ def _matmul_2d(x: torch.Tensor, w: WQWeight, out: torch.Tensor | None) -> torch.
         x = x.contiguous()
     if m <= DECODE_MAX_M:
         old = _gemv1.gemv1 if m == 1 and _gemv1.can_run(x, w)[0] else _gemv.gemv
-        if _mma.can_run(x, w)[0]:
-            fns = {"mma": _mma.mma_matmul, "fma": old}
-            return fns[_timed_choice(x, w, out, fns, DECODE_MAX_M, "mma")](x, w, out)
-        return old(x, w, out)
+        fns = {"mma": _mma.mma_matmul} if _mma.can_run(x, w)[0] else {}
+        if _decode.can_run_decode(x, w)[0]:
+            fns["rs"] = _decode.decode_matmul
+        if not fns:
+            return old(x, w, out)
+        fns["fma"] = old
+        return fns[_timed_choice(x, w, out, fns, DECODE_MAX_M, next(iter(fns)))](x, w, out)
     mid = {"gemm": _gemm.gemm}
     if _ws.can_run(x, w)[0]:
         mid["ws"] = _ws.ws_matmul

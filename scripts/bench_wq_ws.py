@@ -1,10 +1,12 @@
-"""Mid-M int4/int8 GEMM on the H100: the warp-specialized Gluon kernels per config
-(``gluon_wq_gemm``, labels ``BMxBNw..s..``; ``gluon_wq_rs``, labels ``rs...``), against cuBLAS fp16/bf16 ``F.linear``, dequantize + cuBLAS and (``--auto``)
-``wq_matmul`` as dispatched, CUDA-graph replays over 8 rotating weight copies.
+"""Int4/int8 GEMM on the H100: the Gluon kernels per config (``gluon_wq_gemm``, labels
+``BMxBNw..s..``; ``gluon_wq_rs``, labels ``rs...``; at M <= 16 ``gluon_wq_decode``'s),
+against cuBLAS fp16/bf16 ``F.linear``, dequantize + cuBLAS, at M <= 16 the Triton decode
+kernel ``triton_wq_mma`` (autotuned), and (``--auto``) ``wq_matmul`` as dispatched;
+CUDA-graph replays over 8 rotating weight copies.
 
     PYTHONPATH=. python scripts/bench_wq_ws.py [--shapes 8192x8192,4096x4096] \
         [--ms 64,128,256,512,1024,2048,4096] [--format int4-g128] [--dtype fp16] \
-        [--auto] [--out ws.json]
+        [--auto] [--configs rs16x64w4s6k2c2,...] [--out ws.json]
     ncu ... python scripts/bench_wq_ws.py --shapes 8192x8192 --ms 256 --probe 128x128w4s4
 
 Every config's output is first checked against ``wq_reference`` in a NaN-poisoned buffer
@@ -25,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_wq_graphs import FORMATS, ROTATE, graph_time_us  # noqa: E402
 from quant_kernels import gluon_wq_gemm as ws  # noqa: E402
+from quant_kernels import gluon_wq_decode as dec  # noqa: E402
 from quant_kernels import gluon_wq_rs as rs  # noqa: E402
+from quant_kernels import triton_wq_mma as mma  # noqa: E402
 from quant_kernels.triton_wq import dequant_matmul, wq_matmul, wq_reference  # noqa: E402
 from quant_kernels.wq_layout import dequantize_wq, pack_wq  # noqa: E402
 
@@ -57,6 +61,8 @@ def main() -> None:
     ap.add_argument("--auto", action="store_true", help="also time wq_matmul as dispatched")
     ap.add_argument("--out", default=None)
     ap.add_argument("--kernels", default="ws,rs", help="which Gluon kernels' configs")
+    ap.add_argument("--configs", default=None, help="time these config labels instead of "
+                    "the kernels' candidate lists")
     ap.add_argument("--probe", default=None, metavar="BMxBNwWsS",
                     help="for ncu: launch only this config 3 times on the first shape and M")
     args = ap.parse_args()
@@ -90,10 +96,10 @@ def main() -> None:
             if args.auto:
                 row["auto_us"] = graph_time_us(
                     [lambda w=w, o=o: wq_matmul(x, w, out=o) for w, o in zip(ws_, outs)])
-            kernels = args.kernels.split(",")
-            for label, fn in ws.candidates(x, ws_[0]).items():
-                if family(label) not in kernels:
-                    continue
+            if m <= mma.MAX_M and mma.can_run(x, ws_[0])[0]:
+                row["mma_us"] = graph_time_us(
+                    [lambda w=w, o=o: mma.mma_matmul(x, w, o) for w, o in zip(ws_, outs)])
+            for label, fn in config_fns(args, x, ws_[0]).items():
                 poison = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                 try:
                     fn(x, ws_[0], poison)
@@ -111,7 +117,9 @@ def main() -> None:
             best = min(timed, key=timed.get) if timed else None
             cb = row["cublas_us"]
             line = (f"{k:>5}x{n:<5} M={m:<4} cuBLAS {cb:8.1f} us | dense {cb / row['dense_us']:.2f}x"
-                    + (f" | auto {cb / row['auto_us']:.2f}x" if "auto_us" in row else ""))
+                    + (f" | auto {cb / row['auto_us']:.2f}x" if "auto_us" in row else "")
+                    + (f" | mma {row['mma_us']:.1f} us = {cb / row['mma_us']:.2f}x"
+                       if "mma_us" in row else ""))
             for fam in ("ws", "rs"):
                 fam_t = {lb: t for lb, t in timed.items() if family(lb) == fam}
                 if fam_t:
@@ -127,6 +135,18 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+def config_fns(args, x, w) -> dict:
+    """Label -> launch of the configs to time: ``--configs``, else the candidates of the
+    kernels in ``--kernels`` (at M <= 16, the decode configs)."""
+    from functools import partial
+    if args.configs:
+        return {lb: partial(rs.launch, cfg=rs.RSConfig.from_label(lb)) if family(lb) == "rs"
+                else partial(ws.launch, cfg=ws.WSConfig.from_label(lb))
+                for lb in args.configs.split(",")}
+    fns = dec.decode_candidates(x, w) if x.shape[0] <= 16 else ws.candidates(x, w)
+    return {lb: fn for lb, fn in fns.items() if family(lb) in args.kernels.split(",")}
 
 
 def family(label: str) -> str:

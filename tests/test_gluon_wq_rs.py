@@ -24,8 +24,10 @@ gpu = pytest.mark.skipif(not (CUDA and rs.HAS_GLUON and torch.cuda.get_device_ca
 @pytest.mark.parametrize("args,match", [
     ((96, 64, 4, 4), "block_m=96"), ((64, 64, 2, 4), "4 or 8"),
     ((64, 64, 8, 4), "at least 16 per warp"), ((64, 96, 4, 4), "block_n=96"),
-    ((256, 128, 4, 4), "256 accumulator registers"), ((64, 64, 4, 7), "ring slots"),
-    ((128, 64, 4, 4, 3), "ctas=3"), ((256, 64, 4, 4, 2), "ctas=2")])
+    ((256, 128, 4, 4), "256 accumulator registers"), ((64, 64, 4, 13), "ring slots"),
+    ((128, 64, 4, 4, 3), "ctas=3"), ((256, 64, 4, 4, 2), "ctas=2"),
+    ((16, 64, 4, 4, 5), "ctas=5"), ((16, 64, 4, 4, 1, 5), "split=5"),
+    ((4, 64, 4, 4), "block_m=4")])
 def test_config_validation(args, match):
     with pytest.raises(ValueError, match=match):
         rs.RSConfig(*args)
@@ -33,8 +35,10 @@ def test_config_validation(args, match):
 
 def test_config_labels_and_budget():
     assert all(rs.RSConfig.from_label(c.label) == c for c in rs.CONFIGS)
-    with pytest.raises(ValueError, match="expected rs"):
-        rs.RSConfig.from_label("128x128w8s4")   # a gluon_wq_gemm label
+    assert rs.RSConfig.from_label("rs16x64w4s8k4c2") == rs.RSConfig(16, 64, 4, 8, 2, 4)
+    for bad in ("128x128w8s4", "rs16x64w4s8c2k4", "rs16x64w4"):   # ws label, order, short
+        with pytest.raises(ValueError, match="expected rs"):
+            rs.RSConfig.from_label(bad)
     assert all(rs.fits(c) for c in rs.CONFIGS)
     assert not rs.fits(rs.RSConfig(128, 128, 8, 6, ctas=2))   # 2 x 127 KiB > an SM's 228
     assert rs.RSConfig(128, 128, 8, 4).smem_bytes() == 4 * (16384 + 4096 + 512) + 4096

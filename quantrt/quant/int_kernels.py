@@ -67,6 +67,17 @@ class _PieceKernel(PackedKernel):
         return torch.cat([self._run(x, p) for p in self.parts], dim=-1)
 
 
+def _decode_kernel(parts, device) -> str:
+    """Which kernels serve M <= 16, or why the Gluon one is refused."""
+    from quant_kernels import gluon_wq_rs
+
+    whys = {gluon_wq_rs.weight_refusal(w, device) for w in parts} - {""}
+    if whys:
+        return ("Triton decode kernels (Gluon register-operand decode GEMM refused: "
+                + "; ".join(sorted(whys)) + ")")
+    return "Triton decode kernels timed against the Gluon register-operand decode GEMM"
+
+
 def _mid_m_kernel(parts, device) -> str:
     """Which GEMM serves M > 16 besides the Triton ones, or why the Gluon one is refused."""
     from quant_kernels import gluon_wq_gemm, gluon_wq_rs
@@ -119,7 +130,8 @@ class TritonWQKernel(_PieceKernel):
             wbits = 4 if bits <= 4 else 8
             self.parts.append(pack_wq(q.to(device), s.to(device), (-z * s).to(device),
                                       group, wbits, perm, dtype=layer.params_dtype))
-        self.choice_name = f"{self.name}; M > 16: {_mid_m_kernel(self.parts, device)}"
+        self.choice_name = (f"{self.name}; M <= 16: {_decode_kernel(self.parts, device)}; "
+                            f"M > 16: {_mid_m_kernel(self.parts, device)}")
 
     def _run(self, x, w):
         from quant_kernels.triton_wq import wq_matmul
