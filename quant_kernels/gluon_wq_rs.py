@@ -206,6 +206,27 @@ if HAS_GLUON:
         return gl.convert_layout(gl.reshape(v, [BN, BK]), A_FRAG)
 
     @gluon.jit
+    def _rs_step(acc, a, ring, ready, empty, i, nxt_i, sel, M, WORDS: gl.constexpr,
+                 ROW2: gl.constexpr, ROWS: gl.constexpr, A_FRAG: gl.constexpr):
+        """Step ``i``'s MMA with fragment ``a``; step ``nxt_i``'s fragment while it runs
+        (the last step redoes its own: its slot is still held, and it saves a branch)."""
+        x_bufs = ring[0]
+        s = i % x_bufs.shape[0]
+        acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        nxt = _rs_fragment(ring, ready, nxt_i, sel, WORDS, ROW2, ROWS, A_FRAG)
+        # _use (a store that never runs: M >= 0) pins the fragments in time: the next one
+        # is computed before the wait (LLVM sank it after, and the dequant no longer
+        # overlapped the MMA), and this one's registers stay allocated until the MMA has
+        # retired: wgmma reads them while it runs, but the compiler takes them as read at
+        # issue and handed them to the next fragment (wrong results on the H100 for the
+        # slower configs, BENCHMARKS.md session 10)
+        _use(nxt, M)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        _use(a, M)
+        mbarrier.arrive(empty.index(s), count=1)
+        return acc, nxt
+
+    @gluon.jit
     def _rs_mma_part(ring, ready, empty, k_iters, out_ptr, ws_ptr, lock_ptr, tile, split,
                      off_m, off_n, M, N, stride_om, VALS: gl.constexpr, ROW2: gl.constexpr,
                      BM: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
@@ -229,24 +250,18 @@ if HAS_GLUON:
 
         acc = gl.zeros([BN, BM], gl.float32, ACC)
         a = _rs_fragment(ring, ready, 0, sel, WORDS, ROW2, ROWS, A_FRAG)
-        for i in range(k_iters):
-            s = i % STAGES
-            acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            # the next step's fragment while this MMA runs (the last iteration redoes its
-            # own step: its slot is still held, and it saves a branch)
-            nxt = _rs_fragment(ring, ready, gl.minimum(i + 1, k_iters - 1), sel, WORDS, ROW2,
-                               ROWS, A_FRAG)
-            # _use (a store that never runs: M >= 0) pins the fragments in time: the next
-            # one is computed before the wait (LLVM sank it after, and the dequant no
-            # longer overlapped the MMA), and this one's registers stay allocated until
-            # the MMA has retired: wgmma reads them while it runs, but the compiler takes
-            # them as read at issue and handed them to the next fragment (wrong results
-            # on the H100 for the slower configs, BENCHMARKS.md session 10)
-            _use(nxt, M)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            _use(a, M)
-            mbarrier.arrive(empty.index(s), count=1)
-            a = nxt
+        # two steps per iteration, the fragments ping-ponging between a and b: with one
+        # step, the loop-carried fragment cost a register copy per value (the next one
+        # is live while the MMA still reads this one)
+        for j in range(k_iters // 2):
+            acc, b = _rs_step(acc, a, ring, ready, empty, 2 * j, 2 * j + 1, sel, M,
+                              WORDS, ROW2, ROWS, A_FRAG)
+            acc, a = _rs_step(acc, b, ring, ready, empty, 2 * j + 1,
+                              gl.minimum(2 * j + 2, k_iters - 1), sel, M, WORDS, ROW2, ROWS,
+                              A_FRAG)
+        if k_iters % 2 == 1:
+            acc, a = _rs_step(acc, a, ring, ready, empty, k_iters - 1, k_iters - 1, sel, M,
+                              WORDS, ROW2, ROWS, A_FRAG)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         # out[m, n] = acc[n, m]: regrouped (through shared memory) so that each thread
         # writes 8 consecutive n of one output row, 16 bytes, instead of scattered halves
