@@ -7,7 +7,7 @@ shared memory, so the bytes in flight cost no registers, and the MMA warpgroup
 dequantizes each slot straight into wgmma's A fragment, with the activations as a
 ``BM = 8`` or ``16``-column B operand (rows past M are TMA's zero fill).  With one
 64-row tile per CTA a 8192-row layer has only 128 CTAs, one warpgroup per SM; so K is
-split 2-4 ways (``RSConfig.split``: the last split to finish sums the parts in the same
+split 2-8 ways (``RSConfig.split``: the last split to finish sums the parts in the same
 launch).
 
 ``wq_matmul`` times ``decode_matmul`` against the Triton decode kernels per shape.
@@ -21,15 +21,14 @@ import torch
 from .gluon_wq_rs import RSConfig, can_run, fits, k_steps, launch
 from .wq_layout import WQWeight
 
-# Decode (M <= 16, wgmma N = 8 or 16): 64-128 weight rows per CTA and K split 2-4 ways, so
-# that a 4096-8192 x 8192 layer still has 2-4 CTAs on every SM, with a deep ring (bytes in
-# flight sit in shared memory, not registers: what limited triton_wq_mma, BENCHMARKS.md
-# session 8).  Timed per shape against the Triton decode kernels (``decode_matmul``).
+# Decode (M <= 16, wgmma N = 8 or 16): 64-128 weight rows per CTA and K split 2-8 ways, so
+# that every SM runs 2-4 CTAs (8192x8192 has only 128 tiles of 64 rows for 132 SMs).  The
+# winners of a sweep of 16 configs on the H100 (BENCHMARKS.md, session 11), each the best
+# at M = 1 or 16 on one of the four benchmark shapes.  Deeper rings did not help (6 vs
+# 10-12 slots); more CTAs per SM did (1 CTA: 1.74x at 8192x8192 M=1; 4: 2.21x).
 DECODE_CONFIGS = tuple(RSConfig(*c) for c in (
-    (8, 64, 4, 6, 2, 2), (8, 64, 4, 6, 4, 4), (16, 64, 4, 6), (16, 64, 4, 6, 2, 2),
-    (16, 64, 4, 10, 2, 2), (16, 64, 4, 6, 4, 4), (16, 128, 4, 6, 2, 2),
-    (16, 128, 4, 6, 2, 4)))
-
+    (16, 64, 4, 8, 3, 3), (16, 128, 4, 6, 2, 4), (16, 64, 4, 6, 4, 4), (16, 128, 4, 6, 2, 2),
+    (16, 64, 4, 6, 4, 8), (16, 128, 4, 6, 2, 8), (8, 128, 4, 6, 2, 4), (8, 64, 4, 6, 4, 4)))
 
 def decode_candidates(x: torch.Tensor, w: WQWeight) -> dict:
     """Label -> launch of every decode config that takes (x, w): one M tile (``BM >=
