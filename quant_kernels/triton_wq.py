@@ -7,7 +7,7 @@
 Dispatch on M (rows of x after flattening leading dims):
 
 * M <= 16: ``triton_wq_mma`` (4-bit; 8-bit with fp16; groups of 32, 64 or whole slabs:
-  mma.sync on tensor cores, weights unpacked in registers), on Hopper for 4-bit
+  mma.sync on tensor cores, weights unpacked in registers), on Hopper for 4-bit at M >= 9
   ``gluon_wq_decode`` (TMA ring, wgmma with the weight as register operand, split-K) or
   the FMA kernels -- ``triton_wq_gemv1`` at M = 1 (packed-half dot products in PTX), else
   ``triton_wq_gemv`` (split-K when N alone is too few programs) -- whichever is fastest,

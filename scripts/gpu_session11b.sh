@@ -6,6 +6,6 @@ python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgr
 export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/s11}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-timeout 200 python -m pytest -q -m gpu tests/test_gluon_wq_decode.py tests/test_triton_wq.py -p no:cacheprovider 2>&1 | tail -6 | tee "$OUT/pytest.log"
+timeout 300 python -m pytest -q -m gpu tests/test_gluon_wq_decode.py tests/test_triton_wq.py -p no:cacheprovider 2>&1 | tail -6 | tee "$OUT/pytest.log"
 timeout 240 python scripts/bench_wq_graphs.py --formats int4-g128 --out "$OUT/graphs.json" 2>&1 | tee "$OUT/graphs.log" | tail -40
 timeout 150 python scripts/bench_wq_graphs.py --formats int4-g64,int4-g128-act --ms 1,4,16 --out "$OUT/graphs_other.json" 2>&1 | tee "$OUT/graphs_other.log" | tail -30
