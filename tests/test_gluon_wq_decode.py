@@ -85,7 +85,7 @@ def test_split_past_k_steps_refused():
     with pytest.raises(ValueError, match="split 4 of K=192"):
         rs.launch(x, w, torch.empty(1, 64, dtype=torch.float16, device="cuda"),
                   rs.RSConfig(16, 64, 4, 4, 4, 4))
-    assert list(dec.decode_candidates(x, w)) == ["rs16x64w4s8k3c3"]
+    assert list(dec.decode_candidates(x, w)) == ["rs16x64w4s8k3c3", "rs16x128w4s6k2c2"]
 
 
 @pytest.mark.gpu
