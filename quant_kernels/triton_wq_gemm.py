@@ -103,21 +103,23 @@ def _wq_dequant_kernel(
              mask=n_mask[:, None] & (kk < K)[None, :])
 
 
-def dequantize(w: WQWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight [N, K] (stored column order) in ``dtype`` (fp16/bf16)."""
+def dequantize(w: WQWeight, dtype: torch.dtype, block_n: int = 32, block_k: int = 128,
+               num_warps: int = 4) -> torch.Tensor:
+    """The dense weight [N, K] (stored column order) in ``dtype`` (fp16/bf16); the tile
+    (``block_k``: at most this many columns, fewer where the group needs it) and warps are
+    exposed for scripts/bench_wq_dequant.py."""
     n, k = w.n, w.k
     out = torch.empty(n, k, device=w.device, dtype=dtype)
-    block_n = 32
-    block_k = 32  # largest power of two <= 128 dividing the group (or any, per-channel)
-    while block_k < 128 and k_tile_ok(block_k * 2, w.group_size, w.n_groups, w.kp):
-        block_k *= 2
-    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    bk = 32  # largest power of two <= block_k dividing the group (or any, per-channel)
+    while bk < block_k and k_tile_ok(bk * 2, w.group_size, w.n_groups, w.kp):
+        bk *= 2
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, bk))
     _wq_dequant_kernel[grid](
         w.qweight, w.scales, w.bias, out, n, k, w.qweight.shape[1], w.group_size,
         w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), w.scales.stride(1),
         w.bias.stride(0), w.bias.stride(1), out.stride(0), out.stride(1),
-        BITS=w.bits, FAST=fast_dequant_ok(dtype, w.bits), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4)
+        BITS=w.bits, FAST=fast_dequant_ok(dtype, w.bits), BLOCK_N=block_n, BLOCK_K=bk,
+        num_warps=num_warps)
     return out
 
 
