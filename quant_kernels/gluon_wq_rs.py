@@ -25,6 +25,9 @@ broadcast) and picks byte ``t`` with a ``prmt`` whose selector depends on the la
 ``_ptx_pair`` below.  The value tensor ``[BN, 8 (c), 4 (t), 2]`` has exactly that
 layout (``value_layout``), and reshaped to ``[BN, 64]`` it *is* the A fragment.
 
+For decode (``gluon_wq_decode``) a config may split K over ``split`` CTAs per output tile;
+the last split to finish sums the fp32 parts in the same launch (``_split_store``).
+
 4-bit only (8-bit words hold a thread's pair in every other word: left to
 ``gluon_wq_gemm``); fp16 and bf16; groups of 64+ or per channel; sm_90.  Gluon does not
 run under ``TRITON_INTERPRET``: the GPU tests check it against ``wq_reference``.
