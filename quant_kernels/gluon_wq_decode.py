@@ -34,15 +34,20 @@ DECODE_CONFIGS = tuple(RSConfig(*c) for c in (
 # a timed choice between two kernels 5% apart picks the slower one now and then
 MIN_M = 9
 
+
+def _takes(cfg: RSConfig, w: WQWeight) -> bool:
+    # no more K splits than K has steps (every split needs one), and the ring fits an SM
+    return cfg.split <= k_steps(w) and fits(cfg)
+
+
 def decode_candidates(x: torch.Tensor, w: WQWeight) -> dict:
-    """Label -> launch of every decode config that takes (x, w): no more K splits than K
-    has steps."""
+    """Label -> launch of every decode config that takes (x, w)."""
     return {c.label: functools.partial(launch, cfg=c) for c in DECODE_CONFIGS
-            if c.split <= k_steps(w) and fits(c)}
+            if _takes(c, w)}
 
 
 def decode_matmul(x: torch.Tensor, w: WQWeight, out: torch.Tensor) -> torch.Tensor:
-    """``x @ W.T`` for M <= 16 with the decode config timed fastest for this shape and M
+    """``x @ W.T`` for M = 9..16 with the decode config timed fastest for this shape and M
     bucket (``triton_wq_tile.timed_choice``; inside a CUDA-graph capture an untimed first
     call takes the first candidate, as ``gluon_wq_gemm.ws_matmul`` does)."""
     from .triton_wq_tile import timed_choice
@@ -62,6 +67,6 @@ def can_run_decode(x: torch.Tensor, w: WQWeight) -> tuple[bool, str]:
         return False, (f"M={x.shape[0]}: the decode configs take {MIN_M}..16 rows (below, "
                        "triton_wq_mma is faster)")
     ok, why = can_run(x, w)
-    if ok and not any(c.split <= k_steps(w) for c in DECODE_CONFIGS):
+    if ok and not any(_takes(c, w) for c in DECODE_CONFIGS):
         return False, f"K={w.k}: too few 64-column steps to split"
     return ok, why

@@ -24,9 +24,10 @@ from quant_kernels import triton_wq_gemm as gemm  # noqa: E402
 from quant_kernels.wq_layout import dequantize_wq  # noqa: E402
 
 SHAPES = "4096x4096,4096x14336,14336x4096,8192x8192"
-# (BLOCK_N, BLOCK_K at most, warps)
-CONFIGS = [(32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4),
-           (64, 256, 8), (16, 256, 4)]
+# label -> (BLOCK_N, BLOCK_K at most, warps); the first is dequantize's default
+CONFIGS = {f"{bn}x{bk}w{wp}": (bn, bk, wp) for bn, bk, wp in (
+    (32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8), (32, 256, 4), (64, 256, 8),
+    (16, 256, 4))}
 
 
 def main() -> None:
@@ -52,8 +53,7 @@ def main() -> None:
         copy_us = graph_time_us([lambda d=d, o=o: o.copy_(d) for d, o in zip(dense, outs)])
         row = {"k": k, "n": n, "copy_gbs": 2 * wbytes / copy_us / 1e3, "configs": {}}
         ref = dequantize_wq(ws[0], dtype)
-        for bn, bk, warps in CONFIGS:
-            label = f"{bn}x{bk}w{warps}"
+        for label, (bn, bk, warps) in CONFIGS.items():
             got = gemm.dequantize(ws[0], dtype, bn, bk, warps)
             if not torch.equal(got, ref):
                 print(f"  {label}: WRONG (max diff {(got - ref).abs().max().item():.3g})")
@@ -69,11 +69,10 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             y = torch.empty(m, n, device="cuda", dtype=dtype)
             cb = graph_time_us([lambda d=d: torch.mm(x, d.t(), out=y) for d in dense])
-            bn, bk, warps = (int(v) for v in best.replace("x", " ").replace("w", " ").split())
             path = {lb: graph_time_us(
                 [lambda w=w, c=c: torch.mm(x, gemm.dequantize(w, dtype, *c).t(), out=y)
-                 for w in ws]) for lb, c in (("default", (32, 128, 4)),
-                                             ("best", (bn, bk, warps)))}
+                 for w in ws]) for lb, c in (("default", next(iter(CONFIGS.values()))),
+                                             ("best", CONFIGS[best]))}
             row[f"m{m}"] = {"cublas_us": cb, **path}
             print(f"    M={m}: cuBLAS {cb:.1f} us | dequant+cuBLAS default "
                   f"{cb / path['default']:.3f}x, best {cb / path['best']:.3f}x", flush=True)

@@ -16,6 +16,7 @@ import torch
 from quant_kernels import gluon_wq_decode as dec
 from quant_kernels import gluon_wq_rs as rs
 from tests.test_gluon_wq_gemm import run
+from tests.test_gluon_wq_rs import run_groups
 from tests.test_triton_wq import check, make_weight
 
 CUDA = torch.cuda.is_available()
@@ -93,11 +94,7 @@ def test_split_past_k_steps_refused():
 @pytest.mark.parametrize("g", [64, 128, 256, "K"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_groups_dtypes(g, dtype):
-    m, n, k = 11, 392, 1536
-    w = make_weight(n, k, g, 4, dtype=dtype, device="cuda", seed=k)
-    x = torch.randn(m, k, dtype=dtype, device="cuda")
-    for cfg in dec.DECODE_CONFIGS:
-        run(x, w, cfg, rs.launch)
+    run_groups(g, dtype, 11, dec.DECODE_CONFIGS)
 
 
 @pytest.mark.gpu

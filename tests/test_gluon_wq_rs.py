@@ -88,10 +88,16 @@ def test_configs(cfg, m, n, k):
 @pytest.mark.parametrize("g", [64, 128, 256, "K"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_groups_dtypes(g, dtype):
-    m, n, k = 200, 392, 1536
+    run_groups(g, dtype, 200, (rs.CONFIGS[0], rs.CONFIGS[-1]))
+
+
+def run_groups(g, dtype, m, cfgs):
+    """``cfgs`` on one fresh 4-bit weight with group ``g`` (392 x 1536: rows past the last
+    tile) and ``m`` activation rows in ``dtype`` (shared with test_gluon_wq_decode)."""
+    n, k = 392, 1536
     w = make_weight(n, k, g, 4, dtype=dtype, device="cuda", seed=k)
     x = torch.randn(m, k, dtype=dtype, device="cuda")
-    for cfg in (rs.CONFIGS[0], rs.CONFIGS[-1]):
+    for cfg in cfgs:
         run(x, w, cfg, rs.launch)
 
 
