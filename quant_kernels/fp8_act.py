@@ -5,7 +5,7 @@
 ``scale = max(min(amax(|x_row|), ub) / 448, 1e-12)`` and ``xq = clamp(x / scale)`` rounded
 to e4m3: the same numbers as the torch expression it replaces in the W8A8 kernel
 (``quantrt.quant.fp8_kernels``), which spends four passes over x (abs/amax, float(),
-divide/clamp, cast).  Here one program per row reads the row once (K <= 16384: it stays
+divide/clamp, cast).  Here one program per row reads the row once (K <= 8192: it stays
 in registers; longer rows are read twice, the second time from L2) and writes one byte
 per value.
 """
@@ -69,7 +69,13 @@ if HAS_TRITON:
                 tl.store(q_ptr + row * stride_qm + offs, q.to(tl.float8e4nv), mask=offs < K)
 
 
-ONE_PASS_MAX_K = 16384  # 64 fp32 registers per thread at 8 warps
+# Rows up to this long stay in registers (32 fp32 per thread at 8 warps); longer ones take
+# two passes of TWO_PASS_BLOCK columns.  scripts/bench_fp8_act.py on the H100 (BENCHMARKS.md,
+# session 12): K = 14336 ran at 61-70% of a device copy in one pass of 16384 (64 registers
+# per thread), at 84-87% in two passes of 2048 on 8 warps (M = 4096: 100.6 -> 73.3 us);
+# K = 8192 is faster in one pass (M = 1024: 10.5 against 12.2-14.9 us).
+ONE_PASS_MAX_K = 8192
+TWO_PASS_BLOCK = 2048
 
 
 def quant_per_token(x: torch.Tensor, ub: float | None = None):
@@ -86,7 +92,7 @@ def quant_per_token(x: torch.Tensor, ub: float | None = None):
     s = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     if m:
         one_pass = k <= ONE_PASS_MAX_K
-        block = triton.next_power_of_2(max(k, 16)) if one_pass else 4096
+        block = triton.next_power_of_2(max(k, 16)) if one_pass else TWO_PASS_BLOCK
         _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0),
                                  float(ub) if ub is not None else 0.0, HAS_UB=ub is not None,
                                  BLOCK=block, ONE_PASS=one_pass,

@@ -29,7 +29,9 @@ def test_rejects_non_2d():
 
 
 @pytest.mark.gpu
+# one pass up to ONE_PASS_MAX_K (8192), two passes of 2048 columns past it, ragged tails
 @pytest.mark.parametrize("m,k,ub", [(1, 17, None), (17, 4096, None), (23, 100, 2.0),
+                                    (4, 8192, None), (2, 8193, 1.0), (5, 14336, None),
                                     (3, 20000, None)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_kernel_is_exact(m, k, ub, dtype):
