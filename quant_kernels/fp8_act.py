@@ -72,7 +72,7 @@ if HAS_TRITON:
 # Rows up to this long stay in registers (32 fp32 per thread at 8 warps); longer ones take
 # two passes of TWO_PASS_BLOCK columns.  scripts/bench_fp8_act.py on the H100 (BENCHMARKS.md,
 # session 12): K = 14336 ran at 61-70% of a device copy in one pass of 16384 (64 registers
-# per thread), at 84-87% in two passes of 2048 on 8 warps (M = 4096: 100.6 -> 73.3 us);
+# per thread), at 84-87% in two passes of 2048 on 8 warps (M = 4096: 100.5 -> 73.3 us);
 # K = 8192 is faster in one pass (M = 1024: 10.5 against 12.2-14.9 us).
 ONE_PASS_MAX_K = 8192
 TWO_PASS_BLOCK = 2048
