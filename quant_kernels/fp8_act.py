@@ -93,8 +93,15 @@ def quant_per_token(x: torch.Tensor, ub: float | None = None):
     if m:
         one_pass = k <= ONE_PASS_MAX_K
         block = triton.next_power_of_2(max(k, 16)) if one_pass else TWO_PASS_BLOCK
-        _quant_rows_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0),
-                                 float(ub) if ub is not None else 0.0, HAS_UB=ub is not None,
-                                 BLOCK=block, ONE_PASS=one_pass,
-                                 num_warps=8 if block >= 2048 else 4)
+        launch(x, q, s, ub, block, one_pass, 8 if block >= 2048 else 4)
     return q, s
+
+
+def launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, ub: float | None, block: int,
+           one_pass: bool, num_warps: int) -> None:
+    """One launch of the kernel with an explicit config (``quant_per_token`` picks it;
+    scripts/bench_fp8_act.py sweeps it): ``one_pass`` needs ``block >= K``."""
+    _quant_rows_kernel[(x.shape[0],)](x, q, s, x.shape[1], x.stride(0), q.stride(0),
+                                      float(ub) if ub is not None else 0.0,
+                                      HAS_UB=ub is not None, BLOCK=block, ONE_PASS=one_pass,
+                                      num_warps=num_warps)

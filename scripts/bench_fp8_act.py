@@ -23,12 +23,6 @@ from bench_wq_graphs import graph_time_us  # noqa: E402
 from quant_kernels import fp8_act  # noqa: E402
 
 
-def launch(x, q, s, block, one_pass, warps):
-    fp8_act._quant_rows_kernel[(x.shape[0],)](x, q, s, x.shape[1], x.stride(0), q.stride(0),
-                                              0.0, HAS_UB=False, BLOCK=block,
-                                              ONE_PASS=one_pass, num_warps=warps)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", default="4096,8192,14336")
@@ -59,7 +53,8 @@ def main() -> None:
                     fn = lambda x: fp8_act.quant_per_token(x)  # noqa: E731
                     label = "default"
                 else:
-                    fn = lambda x, b=block, o=one, w=warps: launch(x, q, s, b, o, w)  # noqa: E731
+                    fn = lambda x, b=block, o=one, w=warps: fp8_act.launch(  # noqa: E731
+                        x, q, s, None, b, o, w)
                     label = f"{'one' if one else 'two'}-pass b{block} w{warps}"
                 q.fill_(0)
                 got = fn(xs[0])

@@ -15,8 +15,7 @@ import torch
 
 from quant_kernels import gluon_wq_decode as dec
 from quant_kernels import gluon_wq_rs as rs
-from tests.test_gluon_wq_gemm import run
-from tests.test_gluon_wq_rs import run_groups
+from tests.test_gluon_wq_gemm import run, run_groups
 from tests.test_triton_wq import check, make_weight
 
 CUDA = torch.cuda.is_available()
@@ -94,7 +93,7 @@ def test_split_past_k_steps_refused():
 @pytest.mark.parametrize("g", [64, 128, 256, "K"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_groups_dtypes(g, dtype):
-    run_groups(g, dtype, 11, dec.DECODE_CONFIGS)
+    run_groups(g, 4, dtype, 11, dec.DECODE_CONFIGS, rs.launch)
 
 
 @pytest.mark.gpu

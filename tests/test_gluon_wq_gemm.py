@@ -82,6 +82,16 @@ def run_odd_shape(cfg, launch, m, n, k):
     run(torch.randn(m, k, dtype=torch.float16, device="cuda"), w, cfg, launch)
 
 
+def run_groups(g, bits, dtype, m, cfgs, launch=ws.launch):
+    """``cfgs`` on one fresh weight with group ``g`` (392 x 1536: rows past the last tile)
+    and ``m`` activation rows in ``dtype`` (shared with the rs and decode tests)."""
+    n, k = 392, 1536
+    w = make_weight(n, k, g, bits, dtype=dtype, device="cuda", seed=bits + k)
+    x = torch.randn(m, k, dtype=dtype, device="cuda")
+    for cfg in cfgs:
+        run(x, w, cfg, launch)
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("cfg", ws.CONFIGS, ids=lambda c: c.label)
@@ -96,11 +106,7 @@ def test_configs(cfg, m, n, k):
 @pytest.mark.parametrize("bits,dtype", [(4, torch.float16), (4, torch.bfloat16),
                                         (8, torch.float16), (8, torch.bfloat16)])
 def test_groups_bits_dtypes(g, bits, dtype):
-    m, n, k = 200, 392, 1536
-    w = make_weight(n, k, g, bits, dtype=dtype, device="cuda", seed=bits + k)
-    x = torch.randn(m, k, dtype=dtype, device="cuda")
-    for cfg in (ws.CONFIGS[0], ws.CONFIGS[-1]):
-        run(x, w, cfg)
+    run_groups(g, bits, dtype, 200, (ws.CONFIGS[0], ws.CONFIGS[-1]))
 
 
 @pytest.mark.gpu

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from quant_kernels import gluon_wq_rs as rs
-from tests.test_gluon_wq_gemm import ODD_SHAPES, run, run_odd_shape
+from tests.test_gluon_wq_gemm import ODD_SHAPES, run_groups, run_odd_shape
 from tests.test_triton_wq import make_weight
 
 CUDA = torch.cuda.is_available()
@@ -88,17 +88,7 @@ def test_configs(cfg, m, n, k):
 @pytest.mark.parametrize("g", [64, 128, 256, "K"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_groups_dtypes(g, dtype):
-    run_groups(g, dtype, 200, (rs.CONFIGS[0], rs.CONFIGS[-1]))
-
-
-def run_groups(g, dtype, m, cfgs):
-    """``cfgs`` on one fresh 4-bit weight with group ``g`` (392 x 1536: rows past the last
-    tile) and ``m`` activation rows in ``dtype`` (shared with test_gluon_wq_decode)."""
-    n, k = 392, 1536
-    w = make_weight(n, k, g, 4, dtype=dtype, device="cuda", seed=k)
-    x = torch.randn(m, k, dtype=dtype, device="cuda")
-    for cfg in cfgs:
-        run(x, w, cfg, rs.launch)
+    run_groups(g, 4, dtype, 200, (rs.CONFIGS[0], rs.CONFIGS[-1]), rs.launch)
 
 
 def test_inspect_names_both_gluon_kernels(monkeypatch):
